@@ -1,0 +1,1 @@
+"""Benchmarks and experiments (passkey, perplexity, needles) built on the public API."""

@@ -1,0 +1,224 @@
+"""Forward pass, prefill, jitted decode step and greedy generation for any attention function.
+
+Axis legend: B batch, T tokens, V vocabulary, N new tokens.
+
+Every entry point checks its inputs in Python (shapes, vocabulary range, cache capacity, the
+attention's own parameters) before anything is traced or compiled. Jitted functions are defined
+once at module level with the config and attention as static arguments; generation buckets the
+prompt length and the number of new tokens so one compilation serves many requests.
+"""
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from lh_jax.models.attention import AttentionContext, FullAttention
+from lh_jax.models.config import ModelConfig
+from lh_jax.models.llama import Transformer
+
+#: How many times each jitted entry point was traced (a test checks decode compiles once).
+TRACE_COUNTS: Counter = Counter()
+
+PROMPT_BUCKET = 64
+
+
+class CacheCapacityError(ValueError):
+    """Generation would write past the end of the KV cache."""
+
+
+@struct.dataclass
+class KVCache:
+    """The decoding state: per-layer caches stacked on L, next free slot, left padding per row."""
+
+    layers: Any  # pytree with leading [L, B, ...] axes, shaped by the attention function
+    index: jax.Array  # [] int32 — next slot to write
+    pad: jax.Array  # [B] int32 — left-padding slots of each row
+    capacity: int = struct.field(pytree_node=False, default=0)
+
+
+def resolve_attention(attention):
+    return FullAttention() if attention is None else attention
+
+
+def params_dtype(params) -> jnp.dtype:
+    return params["embed"]["embedding"].dtype
+
+
+def check_input_ids(input_ids, config: ModelConfig, name: str = "input_ids") -> np.ndarray:
+    """Validate token ids on the host and return them as an int32 [B, T] numpy array."""
+    ids = np.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None, :]
+    if ids.ndim != 2:
+        raise ValueError(f"{name} must have shape [batch, tokens], got shape {ids.shape}")
+    if ids.size == 0:
+        raise ValueError(f"{name} is empty (shape {ids.shape}); give at least one token")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= config.vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{name} contains token id {bad} outside the vocabulary [0, {config.vocab_size})")
+    return ids.astype(np.int32)
+
+
+def check_attention_mask(attention_mask, shape) -> np.ndarray:
+    """A [B, T] 0/1 mask with left padding only (each row 0…0 1…1, at least one 1)."""
+    if attention_mask is None:
+        return np.ones(shape, dtype=bool)
+    mask = np.asarray(attention_mask)
+    if mask.ndim == 1:
+        mask = mask[None, :]
+    if mask.shape != tuple(shape):
+        raise ValueError(f"attention_mask has shape {mask.shape}, expected {tuple(shape)} like input_ids")
+    mask = mask.astype(bool)
+    if not mask[:, -1].all() or np.any(np.diff(mask.astype(np.int8), axis=1) < 0):
+        raise ValueError("attention_mask must be left-padded: each row zeros then ones, ending in a one")
+    return mask
+
+
+def _context(mask_BT, start, pad_before=0) -> AttentionContext:
+    T = mask_BT.shape[1]
+    pad = pad_before + T - jnp.sum(mask_BT, axis=1).astype(jnp.int32)
+    positions = jnp.maximum(start + jnp.arange(T, dtype=jnp.int32)[None, :] - pad[:, None], 0)
+    return AttentionContext(positions=positions, token_mask=mask_BT, start=jnp.asarray(start, jnp.int32),
+                            pad=pad)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "attention", "return_aux"))
+def _forward(params, ids, mask, config, attention, return_aux):
+    TRACE_COUNTS["forward"] += 1
+    model = Transformer(config, attention, params_dtype(params))
+    logits, _, aux = model.apply({"params": params}, ids, _context(mask, 0), None)
+    return (logits, aux) if return_aux else logits
+
+
+def forward(params, config: ModelConfig, input_ids, attention=None, attention_mask=None,
+            return_aux: bool = False):
+    """Logits [B, T, V] float32 for int ids [B, T] (full causal attention when attention is None).
+
+    `attention_mask` [B, T] marks left padding; with `return_aux` also returns the attention's
+    per-layer diagnostics (e.g. LongHeads' selected chunks), stacked on a leading layer axis.
+    """
+    attention = resolve_attention(attention)
+    ids = check_input_ids(input_ids, config)
+    mask = check_attention_mask(attention_mask, ids.shape)
+    attention.validate(config)
+    return _forward(params, jnp.asarray(ids), jnp.asarray(mask), config, attention, return_aux)
+
+
+def init_cache(config: ModelConfig, batch: int, capacity: int, attention=None, dtype=jnp.float32) -> KVCache:
+    """An empty cache for `batch` rows and `capacity` slots, laid out by `attention`."""
+    attention = resolve_attention(attention)
+    layer = attention.init_cache(config, batch, capacity, dtype)
+    layers = jax.tree.map(lambda x: jnp.broadcast_to(x, (config.num_layers,) + x.shape), layer)
+    return KVCache(layers=layers, index=jnp.zeros((), jnp.int32), pad=jnp.zeros((batch,), jnp.int32),
+                   capacity=capacity)
+
+
+def _prefill_impl(params, ids, mask, cache: KVCache, config, attention):
+    ctx = _context(mask, cache.index, cache.pad)
+    model = Transformer(config, attention, params_dtype(params))
+    logits, layers, _ = model.apply({"params": params}, ids, ctx, cache.layers, last_only=True)
+    cache = cache.replace(layers=layers, index=cache.index + ids.shape[1], pad=ctx.pad)
+    return logits[:, -1], cache
+
+
+def _decode_impl(params, token_B, cache: KVCache, config, attention):
+    TRACE_COUNTS["decode_step"] += 1
+    B = token_B.shape[0]
+    positions = (cache.index - cache.pad)[:, None]
+    ctx = AttentionContext(positions=positions, token_mask=jnp.ones((B, 1), bool), start=cache.index,
+                           pad=cache.pad)
+    model = Transformer(config, attention, params_dtype(params))
+    logits, layers, _ = model.apply({"params": params}, token_B[:, None], ctx, cache.layers)
+    return logits[:, -1], cache.replace(layers=layers, index=cache.index + 1)
+
+
+_prefill_jit = jax.jit(_prefill_impl, static_argnames=("config", "attention"), donate_argnames=("cache",))
+_decode_jit = jax.jit(_decode_impl, static_argnames=("config", "attention"), donate_argnames=("cache",))
+
+
+def prefill(params, config: ModelConfig, input_ids, cache: KVCache, attention=None, attention_mask=None):
+    """Run the prompt [B, T] into `cache` (donated); returns (last logits [B, V] f32, cache)."""
+    attention = resolve_attention(attention)
+    ids = check_input_ids(input_ids, config)
+    mask = check_attention_mask(attention_mask, ids.shape)
+    attention.validate(config)
+    if ids.shape[0] != cache.pad.shape[0]:
+        raise ValueError(f"input_ids has batch {ids.shape[0]} but the cache was made for {cache.pad.shape[0]}")
+    used = int(cache.index)
+    if used and not mask.all():
+        raise ValueError("attention_mask: only the first prefill into a cache may hold left padding")
+    if used + ids.shape[1] > cache.capacity:
+        raise CacheCapacityError(f"prefill of {ids.shape[1]} tokens after {used} overflows the cache "
+                                 f"capacity {cache.capacity}; make the cache larger")
+    return _prefill_jit(params, jnp.asarray(ids), jnp.asarray(mask), cache, config, attention)
+
+
+def decode_step(params, config: ModelConfig, token, cache: KVCache, attention=None):
+    """Feed one token per row ([B] ids) at the cache cursor; returns (logits [B, V] f32, cache)."""
+    attention = resolve_attention(attention)
+    tok = check_input_ids(np.asarray(token).reshape(-1, 1), config, "token")[:, 0]
+    if int(cache.index) >= cache.capacity:
+        raise CacheCapacityError(f"decode step at slot {int(cache.index)} is past the cache capacity "
+                                 f"{cache.capacity}; make the cache larger")
+    return _decode_jit(params, jnp.asarray(tok), cache, config, attention)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "attention", "capacity", "steps"))
+def _generate(params, ids, mask, num_new, config, attention, capacity, steps):
+    TRACE_COUNTS["generate"] += 1
+    B = ids.shape[0]
+    cache = init_cache(config, B, capacity, attention, params_dtype(params))
+    logits, cache = _prefill_impl(params, ids, mask, cache, config, attention)
+    first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    out = jnp.zeros((B, steps), jnp.int32).at[:, 0].set(first)
+
+    def body(i, state):
+        cache, tok, out = state
+        logits, cache = _decode_impl(params, tok, cache, config, attention)
+        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return cache, tok, out.at[:, i].set(tok)
+
+    _, _, out = jax.lax.fori_loop(1, num_new, body, (cache, first, out))
+    return out
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def generate(params, config: ModelConfig, input_ids, max_new_tokens: int, attention=None,
+             attention_mask=None, max_cache_length: int | None = None):
+    """Greedy decoding: ids [B, T] -> [B, T + max_new_tokens] (prompt followed by new tokens).
+
+    Prompts are left-padded to a multiple of 64 and the step count to a power of two, so one
+    compilation serves a range of lengths. `max_cache_length` bounds the cache (error if the
+    request does not fit).
+    """
+    attention = resolve_attention(attention)
+    ids = check_input_ids(input_ids, config)
+    mask = check_attention_mask(attention_mask, ids.shape)
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    attention.validate(config)
+    B, T = ids.shape
+    if max_cache_length is not None and T + max_new_tokens > max_cache_length:
+        raise CacheCapacityError(f"prompt of {T} tokens + max_new_tokens={max_new_tokens} exceeds "
+                                 f"max_cache_length={max_cache_length}")
+    T_pad = _round_up(T, PROMPT_BUCKET)
+    steps = max(16, 1 << (int(max_new_tokens) - 1).bit_length())
+    capacity = T_pad + steps
+    ids_p = np.zeros((B, T_pad), np.int32)
+    mask_p = np.zeros((B, T_pad), bool)
+    ids_p[:, T_pad - T:], mask_p[:, T_pad - T:] = ids, mask
+    new = _generate(params, jnp.asarray(ids_p), jnp.asarray(mask_p), jnp.int32(max_new_tokens),
+                    config, attention, capacity, steps)
+    return jnp.concatenate([jnp.asarray(ids), new[:, :max_new_tokens]], axis=1)

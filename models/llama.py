@@ -1,0 +1,122 @@
+"""One LLaMA-style decoder (LLaMA 2/3, Mistral, Qwen2, SmolLM) as functional Flax linen.
+
+Axis legend: B batch, T tokens, L layers, E hidden size, F MLP size, H query heads,
+K kv heads, D head_dim, V vocabulary, C cache capacity.
+
+Params are an explicit pytree; the per-layer params are stacked on a leading L axis and the
+layers run under `nn.scan`, so compile time does not grow with depth. The attention function is
+a module attribute (static), the KV cache a pytree passed in and returned.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from .attention import AttentionContext
+from .config import ModelConfig
+from .rope import Rope
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return normed.astype(x.dtype) * scale.astype(x.dtype)
+
+
+def _dense(features, use_bias, dtype, name):
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=dtype, name=name,
+                    kernel_init=nn.initializers.normal(0.02))
+
+
+class DecoderLayer(nn.Module):
+    config: ModelConfig
+    attention: Any
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BTE, cache, ctx: AttentionContext):
+        cfg = self.config
+        B, T, _ = x_BTE.shape
+        h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_norm")(x_BTE)
+        q = _dense(cfg.num_heads * cfg.head_dim, cfg.attention_bias, self.dtype, "q_proj")(h)
+        k = _dense(cfg.num_kv_heads * cfg.head_dim, cfg.attention_bias, self.dtype, "k_proj")(h)
+        v = _dense(cfg.num_kv_heads * cfg.head_dim, cfg.attention_bias, self.dtype, "v_proj")(h)
+        q_BTHD = q.reshape(B, T, cfg.num_heads, cfg.head_dim)
+        k_BTKD = k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+        v_BTKD = v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+        out_BTHD, cache, aux = self.attention(q_BTHD, k_BTKD, v_BTKD, config=cfg,
+                                              rope=Rope.from_config(cfg), ctx=ctx, cache=cache)
+        out = out_BTHD.reshape(B, T, cfg.num_heads * cfg.head_dim).astype(self.dtype)
+        x_BTE = x_BTE + _dense(cfg.hidden_size, cfg.attention_out_bias, self.dtype, "o_proj")(out)
+        h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_norm")(x_BTE)
+        gate = _dense(cfg.intermediate_size, cfg.mlp_bias, self.dtype, "gate_proj")(h)
+        up = _dense(cfg.intermediate_size, cfg.mlp_bias, self.dtype, "up_proj")(h)
+        x_BTE = x_BTE + _dense(cfg.hidden_size, cfg.mlp_bias, self.dtype, "down_proj")(nn.silu(gate) * up)
+        return x_BTE, (cache, aux)
+
+
+class Transformer(nn.Module):
+    """ids [B, T] -> logits [B, T', V] float32 (T' = T, or 1 with `last_only`), new cache, aux."""
+
+    config: ModelConfig
+    attention: Any
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, ids_BT, ctx: AttentionContext, cache=None, last_only: bool = False):
+        cfg = self.config
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
+                         embedding_init=nn.initializers.normal(0.02), name="embed")
+        x = embed(ids_BT)
+        layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=(0, nn.broadcast), length=cfg.num_layers)
+        x, (cache, aux) = layers(cfg, self.attention, self.dtype, name="layers")(x, cache, ctx)
+        if last_only:
+            x = x[:, -1:]
+        x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="final_norm")(x)
+        if cfg.tie_word_embeddings:
+            w_EV = embed.embedding.T
+        else:
+            w_EV = self.param("lm_head", nn.initializers.normal(0.02),
+                              (cfg.hidden_size, cfg.vocab_size), self.dtype)
+        logits = jnp.einsum("BTE,EV->BTV", x, w_EV.astype(x.dtype), preferred_element_type=jnp.float32)
+        return logits, cache, aux
+
+
+def param_shapes(config: ModelConfig, dtype=jnp.float32) -> dict:
+    """The params pytree of `config` as ShapeDtypeStructs (what a converter must produce)."""
+    c, L = config, config.num_layers
+    s = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
+
+    def dense(n_in, n_out, bias):
+        d = {"kernel": s(L, n_in, n_out)}
+        if bias:
+            d["bias"] = s(L, n_out)
+        return d
+
+    H, K, D, E, F = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size, c.intermediate_size
+    layers = {
+        "input_norm": {"scale": s(L, E)},
+        "q_proj": dense(E, H * D, c.attention_bias),
+        "k_proj": dense(E, K * D, c.attention_bias),
+        "v_proj": dense(E, K * D, c.attention_bias),
+        "o_proj": dense(H * D, E, c.attention_out_bias),
+        "post_norm": {"scale": s(L, E)},
+        "gate_proj": dense(E, F, c.mlp_bias),
+        "up_proj": dense(E, F, c.mlp_bias),
+        "down_proj": dense(F, E, c.mlp_bias),
+    }
+    tree = {"embed": {"embedding": s(c.vocab_size, E)}, "layers": layers,
+            "final_norm": {"scale": s(E)}}
+    if not c.tie_word_embeddings:
+        tree["lm_head"] = s(E, c.vocab_size)
+    return tree
