@@ -1,8 +1,8 @@
 """LLaMA-family models in functional Flax: config, RoPE, attention interface, decoder."""
-from .attention import AttentionContext, FullAttention, attend, causal_attend
+from .attention import AttentionContext, FullAttention, attend, attend_stats, merge_stats
 from .config import ConfigError, ModelConfig, RopeConfig, config_from_hf
 from .llama import Transformer, param_shapes
 from .rope import Rope
 
-__all__ = ["AttentionContext", "FullAttention", "attend", "causal_attend", "ConfigError", "ModelConfig",
+__all__ = ["AttentionContext", "FullAttention", "attend", "attend_stats", "merge_stats", "ConfigError", "ModelConfig",
            "RopeConfig", "config_from_hf", "Transformer", "param_shapes", "Rope"]

@@ -1,16 +1,21 @@
 """Attention as a pure, swappable function: the context it receives and full causal attention.
 
 Axis legend: B batch, T new tokens (queries), S key slots, K kv heads, G query heads per kv head,
-H query heads (= K·G), D head_dim, C cache capacity.
+H query heads (= K·G), D head_dim, C cache capacity, L layers.
 
 An attention implementation is a hashable object (a frozen dataclass) with
 
-    init_cache(config, batch, capacity, dtype) -> pytree      # one layer's cache
-    __call__(q, k, v, *, config, rope, ctx, cache) -> (out, cache, aux)
+    init_cache(config, batch, capacity, dtype) -> pytree          # one layer's cache
+    __call__(q, k, v, *, config, rope, ctx, cache) -> (out, writes, aux)
+    write_cache(cache_L, writes_L, ctx) -> cache_L                 # all layers at once
+    validate(config) -> None                                       # raise/warn before compiling
 
 `q` [B,T,H,D], `k`/`v` [B,T,K,D] arrive **un-rotated** so that an implementation can place keys at
-positions of its own choosing (LongHeads does); `rope` rotates them. `cache` is None for a
-cache-free forward pass. `aux` is any per-layer pytree (or None) the model stacks over layers.
+positions of its own choosing (LongHeads does); `rope` rotates them. `cache` is the layer's cache
+as it was before this call (read-only; None for a cache-free forward pass). The layer returns
+`writes` instead of a new cache; the model applies them to the stacked cache after the layer
+scan, so a decode step updates the cache in place instead of copying it layer by layer.
+`aux` is any per-layer pytree (or None), stacked over layers for diagnostics.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from flax import struct
 
 from .config import ModelConfig
 
-# Finite, so that a fully masked row gives a uniform (not NaN) softmax.
+# Finite, so that a fully masked row gives a finite (not NaN) softmax.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -37,56 +42,168 @@ class AttentionContext:
     pad: jax.Array  # [B] int32, number of left-padding slots of each row
 
 
+def _group(q_BTHD, num_kv):
+    B, T, H, D = q_BTHD.shape
+    return q_BTHD.reshape(B, T, num_kv, H // num_kv, D).transpose(0, 2, 3, 1, 4)  # BKGTD
+
+
+def _ungroup(o_BKGTD):
+    B, K, G, T, D = o_BKGTD.shape
+    return o_BKGTD.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, D)
+
+
+def attend_stats(q_BKGTD, k_BKSD, v_BKSD, mask_BTS, scale):
+    """Masked softmax attention returning (out [B,K,G,T,D] f32 normalised, lse [B,K,G,T] f32)."""
+    s = jnp.einsum("BKGTD,BKSD->BKGTS", q_BKGTD, k_BKSD, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(mask_BTS[:, None, None], s, MASK_VALUE)
+    m = jnp.max(s, axis=-1)
+    p = jnp.exp(s - m[..., None])
+    l = jnp.sum(p, axis=-1)
+    o = jnp.einsum("BKGTS,BKSD->BKGTD", p.astype(v_BKSD.dtype), v_BKSD, preferred_element_type=jnp.float32)
+    return o / l[..., None], m + jnp.log(l)
+
+
+def merge_stats(parts):
+    """Combine [(out, lse), ...] of attention over disjoint key sets (log-sum-exp merge)."""
+    lse = parts[0][1]
+    for _, l in parts[1:]:
+        lse = jnp.logaddexp(lse, l)
+    out = sum(o * jnp.exp(l - lse)[..., None] for o, l in parts)
+    return out, lse
+
+
 def attend(q_BTHD, k_BSKD, v_BSKD, mask_BTS, scale=None):
-    """Softmax attention of q over k/v with a boolean mask; GQA by grouping heads, f32 softmax."""
-    B, T, H, D = q_BTHD.shape
-    K = k_BSKD.shape[2]
-    q_BTKGD = q_BTHD.reshape(B, T, K, H // K, D)
+    """Softmax attention of q over k/v under a boolean mask [B, T, S]; GQA by grouping heads."""
+    K, D = k_BSKD.shape[2], q_BTHD.shape[-1]
     scale = D ** -0.5 if scale is None else scale
-    scores = jnp.einsum("BTKGD,BSKD->BKGTS", q_BTKGD, k_BSKD,
-                        preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask_BTS[:, None, None, :, :], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKD.dtype)
-    out = jnp.einsum("BKGTS,BSKD->BTKGD", probs, v_BSKD, preferred_element_type=jnp.float32)
-    return out.reshape(B, T, H, D).astype(q_BTHD.dtype)
+    out, _ = attend_stats(_group(q_BTHD, K), k_BSKD.transpose(0, 2, 1, 3), v_BSKD.transpose(0, 2, 1, 3),
+                          mask_BTS, scale)
+    return _ungroup(out).astype(q_BTHD.dtype)
 
 
-def causal_attend(q_BTHD, k_BSKD, v_BSKD, q_slot_T, k_valid_BS, window=None, block=512):
-    """Causal attention of T queries at cache slots `q_slot_T` over S key slots 0..S-1.
+def flash_causal(q_BKGTD, k_BKTD, v_BKTD, key_valid_BT, window=None, block=512):
+    """Causal self-attention of T tokens, tiled with an online softmax; skips tiles above the diagonal.
 
-    Queries are processed in blocks so no [T, S] array larger than [block, S] exists at once.
-    `window` (sliding-window models) hides keys at distance >= window.
+    Never holds more than a [block, block] score tile per head. Returns (out f32, lse). Only the
+    diagonal tile (and, with a sliding window, the oldest tile) pays for an element-wise mask;
+    left padding enters as an additive key bias. The key loop has a data-dependent bound, so this
+    kernel is forward-only; `self_attention_stats(..., differentiable=True)` takes the dense path.
     """
-    B, T, H, D = q_BTHD.shape
-    S = k_BSKD.shape[1]
-    k_slot_S = jnp.arange(S, dtype=jnp.int32)
-
-    def one_block(q_blk_BtHD, q_slot_t):
-        mask = (k_slot_S[None, :] <= q_slot_t[:, None])
-        if window is not None:
-            mask &= (q_slot_t[:, None] - k_slot_S[None, :]) < window
-        mask = mask[None] & k_valid_BS[:, None, :]
-        return attend(q_blk_BtHD, k_BSKD, v_BSKD, mask)
-
-    if T <= block:
-        return one_block(q_BTHD, q_slot_T)
+    B, K, G, T, D = q_BKGTD.shape
     n = -(-T // block)
-    padded = n * block
-    q_pad = jnp.pad(q_BTHD, ((0, 0), (0, padded - T), (0, 0), (0, 0)))
-    slot_pad = jnp.pad(q_slot_T, (0, padded - T), constant_values=-1)
-    q_blocks = q_pad.reshape(B, n, block, H, D).swapaxes(0, 1)
-    out = jax.lax.map(lambda xs: one_block(*xs), (q_blocks, slot_pad.reshape(n, block)))
-    return out.swapaxes(0, 1).reshape(B, padded, H, D)[:, :T]
+    Tp = n * block
+    padT = lambda x, ax: jnp.pad(x, [(0, Tp - T) if a == ax else (0, 0) for a in range(x.ndim)])
+    q_scaled = (q_BKGTD.astype(jnp.float32) * D ** -0.5).astype(q_BKGTD.dtype)
+    q_blocks = padT(q_scaled, 3).reshape(B, K, G, n, block, D).transpose(3, 0, 1, 2, 4, 5)
+    k_blocks = padT(k_BKTD, 2).reshape(B, K, n, block, D)
+    v_blocks = padT(v_BKTD, 2).reshape(B, K, n, block, D)
+    bias = jnp.where(padT(key_valid_BT, 1), 0.0, MASK_VALUE).astype(jnp.float32).reshape(B, n, block)
+    offs = jnp.arange(block, dtype=jnp.int32)
+    diag_ok = offs[None, :] <= offs[:, None]
+
+    def tile(q_b, j, state, mask=None):
+        m, l, acc = state
+        kb = jax.lax.dynamic_index_in_dim(k_blocks, j, 2, keepdims=False)
+        vb = jax.lax.dynamic_index_in_dim(v_blocks, j, 2, keepdims=False)
+        bj = jax.lax.dynamic_index_in_dim(bias, j, 1, keepdims=False)  # [B, block]
+        s = jnp.einsum("BKGTD,BKSD->BKGTS", q_b, kb, preferred_element_type=jnp.float32)
+        s = s + bj[:, None, None, None, :]
+        if mask is not None:
+            s = jnp.where(mask, s, MASK_VALUE)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        p = jnp.exp(s - m_new[..., None])
+        corr = jnp.exp(m - m_new)
+        l = l * corr + jnp.sum(p, axis=-1)
+        acc = acc * corr[..., None] + jnp.einsum("BKGTS,BKSD->BKGTD", p.astype(vb.dtype), vb,
+                                                 preferred_element_type=jnp.float32)
+        return m_new, l, acc
+
+    def q_block(i, q_b):
+        init = (jnp.full((B, K, G, block), MASK_VALUE, jnp.float32), jnp.zeros((B, K, G, block), jnp.float32),
+                jnp.zeros((B, K, G, block, D), jnp.float32))
+        if window is None:
+            state = jax.lax.fori_loop(0, i, lambda j, st: tile(q_b, j, st), init)
+        else:
+            q_slot = i * block + offs
+            lo = jnp.maximum(0, (i * block - window + 1) // block)
+
+            def windowed(j, st):
+                k_slot = j * block + offs
+                return tile(q_b, j, st, (q_slot[:, None] - k_slot[None, :]) < window)
+            state = jax.lax.fori_loop(lo, i, windowed, init)
+            diag_ok_w = diag_ok & ((offs[:, None] - offs[None, :]) < window)
+        m, l, acc = tile(q_b, i, state, diag_ok if window is None else diag_ok_w)
+        return acc / l[..., None], m + jnp.log(l)
+
+    out, lse = jax.lax.map(lambda xs: q_block(*xs), (jnp.arange(n, dtype=jnp.int32), q_blocks))
+    out = out.transpose(1, 2, 3, 0, 4, 5).reshape(B, K, G, Tp, D)[:, :, :, :T]
+    lse = lse.transpose(1, 2, 3, 0, 4).reshape(B, K, G, Tp)[..., :T]
+    return out, lse
+
+
+def self_attention_stats(q_BKGTD, k_BKTD, v_BKTD, key_valid_BT, window=None, block=None,
+                         dense_below=512, differentiable=False):
+    """Causal attention among the new tokens: dense when short (or asked to be differentiable),
+    tiled when long (tile 256 up to 2k tokens, else 512, unless `block` is given)."""
+    T = q_BKGTD.shape[3]
+    if block is None:
+        block = 256 if T <= 2048 else 512
+    if T <= dense_below or differentiable:
+        slot = jnp.arange(T)
+        mask = slot[None, :] <= slot[:, None]
+        if window is not None:
+            mask &= (slot[:, None] - slot[None, :]) < window
+        mask = mask[None] & key_valid_BT[:, None, :]
+        return attend_stats(q_BKGTD, k_BKTD, v_BKTD, mask, q_BKGTD.shape[-1] ** -0.5)
+    return flash_causal(q_BKGTD, k_BKTD, v_BKTD, key_valid_BT, window, block)
+
+
+def cached_attention_stats(q_BKGTD, k_BKCD, v_BKCD, ctx: AttentionContext, window=None, block=512):
+    """Attention of the new tokens over the slots already in the cache (slots < ctx.start)."""
+    B, K, G, T, D = q_BKGTD.shape
+    C = k_BKCD.shape[2]
+    slot = jnp.arange(C, dtype=jnp.int32)
+    key_ok = (slot[None, :] >= ctx.pad[:, None]) & (slot[None, :] < ctx.start)  # [B, C]
+
+    def part(q_b, q_slot):
+        mask = jnp.broadcast_to(key_ok[:, None, :], (B, q_slot.shape[0], C))
+        if window is not None:
+            mask &= (q_slot[None, :, None] - slot[None, None, :]) < window
+        return attend_stats(q_b, k_BKCD, v_BKCD, mask, D ** -0.5)
+
+    q_slot = ctx.start + jnp.arange(T, dtype=jnp.int32)
+    if T <= block:
+        return part(q_BKGTD, q_slot)
+    n = -(-T // block)
+    qp = jnp.pad(q_BKGTD, ((0, 0),) * 3 + ((0, n * block - T), (0, 0)))
+    sp = jnp.pad(q_slot, (0, n * block - T))
+    qb = qp.reshape(B, K, G, n, block, D).transpose(3, 0, 1, 2, 4, 5)
+    out, lse = jax.lax.map(lambda xs: part(*xs), (qb, sp.reshape(n, block)))
+    out = out.transpose(1, 2, 3, 0, 4, 5).reshape(B, K, G, n * block, D)[:, :, :, :T]
+    return out, lse.transpose(1, 2, 3, 0, 4).reshape(B, K, G, n * block)[..., :T]
+
+
+def write_slots(cache_LBKCD, new_LBTKD, start):
+    """Write new entries [L, B, T, K, D] into a stacked cache [L, B, K, C, D] at slot `start`."""
+    new = new_LBTKD.transpose(0, 1, 3, 2, 4).astype(cache_LBKCD.dtype)
+    return jax.lax.dynamic_update_slice_in_dim(cache_LBKCD, new, start, axis=3)
 
 
 @dataclasses.dataclass(frozen=True)
 class FullAttention:
-    """Ordinary causal attention at true positions (the model's own behaviour); keys cached rotated."""
+    """Ordinary causal attention at true positions (the model's own behaviour); keys cached rotated.
 
-    block: int = 512
+    Long prompts use a tiled, diagonal-skipping kernel; prompts of at most `dense_below` tokens,
+    or every prompt with `differentiable=True`, use one dense masked softmax (reverse-mode
+    differentiable, memory quadratic in T).
+    """
+
+    block: int | None = None
+    dense_below: int = 512
+    differentiable: bool = False
 
     def init_cache(self, config: ModelConfig, batch: int, capacity: int, dtype) -> dict[str, Any]:
-        shape = (batch, capacity, config.num_kv_heads, config.head_dim)
+        shape = (batch, config.num_kv_heads, capacity, config.head_dim)
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
     def validate(self, config: ModelConfig) -> None:
@@ -97,15 +214,23 @@ class FullAttention:
         cos_sin = rope.cos_sin(ctx.positions)
         q = rope.apply(q, ctx.positions, cos_sin=cos_sin)
         k = rope.apply(k, ctx.positions, cos_sin=cos_sin)
-        T = q.shape[1]
-        if cache is None:
-            q_slot = jnp.arange(T, dtype=jnp.int32)
-            out = causal_attend(q, k, v, q_slot, ctx.token_mask, window, self.block)
-            return out, None, None
-        k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), ctx.start, 1)
-        v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), ctx.start, 1)
-        S = k_all.shape[1]
-        k_valid = jnp.arange(S, dtype=jnp.int32)[None, :] >= ctx.pad[:, None]
-        q_slot = ctx.start + jnp.arange(T, dtype=jnp.int32)
-        out = causal_attend(q, k_all, v_all, q_slot, k_valid, window, self.block)
-        return out, {"k": k_all, "v": v_all}, None
+        K = k.shape[2]
+        q_g = _group(q, K)
+        k_t, v_t = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        parts = [self_attention_stats(q_g, k_t, v_t, ctx.token_mask, window, self.block, self.dense_below,
+                                      self.differentiable)]
+        writes = None
+        if cache is not None:
+            past = lambda: cached_attention_stats(q_g, cache["k"], cache["v"], ctx, window)
+            if q.shape[1] == 1:
+                parts.append(past())
+            else:  # a prefill into an empty cache has no past to attend to
+                nothing = lambda: (jnp.zeros_like(parts[0][0]), jnp.full_like(parts[0][1], MASK_VALUE))
+                parts.append(jax.lax.cond(ctx.start > 0, past, nothing))
+            writes = {"k": k, "v": v}
+        out, _ = merge_stats(parts)
+        return _ungroup(out).astype(q.dtype), writes, None
+
+    def write_cache(self, cache, writes, ctx: AttentionContext):
+        return {"k": write_slots(cache["k"], writes["k"], ctx.start),
+                "v": write_slots(cache["v"], writes["v"], ctx.start)}

@@ -53,7 +53,7 @@ class DecoderLayer(nn.Module):
         q_BTHD = q.reshape(B, T, cfg.num_heads, cfg.head_dim)
         k_BTKD = k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
         v_BTKD = v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-        out_BTHD, cache, aux = self.attention(q_BTHD, k_BTKD, v_BTKD, config=cfg,
+        out_BTHD, writes, aux = self.attention(q_BTHD, k_BTKD, v_BTKD, config=cfg,
                                               rope=Rope.from_config(cfg), ctx=ctx, cache=cache)
         out = out_BTHD.reshape(B, T, cfg.num_heads * cfg.head_dim).astype(self.dtype)
         x_BTE = x_BTE + _dense(cfg.hidden_size, cfg.attention_out_bias, self.dtype, "o_proj")(out)
@@ -61,7 +61,7 @@ class DecoderLayer(nn.Module):
         gate = _dense(cfg.intermediate_size, cfg.mlp_bias, self.dtype, "gate_proj")(h)
         up = _dense(cfg.intermediate_size, cfg.mlp_bias, self.dtype, "up_proj")(h)
         x_BTE = x_BTE + _dense(cfg.hidden_size, cfg.mlp_bias, self.dtype, "down_proj")(nn.silu(gate) * up)
-        return x_BTE, (cache, aux)
+        return x_BTE, (writes, aux)
 
 
 class Transformer(nn.Module):
@@ -79,7 +79,9 @@ class Transformer(nn.Module):
         x = embed(ids_BT)
         layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(0, nn.broadcast), length=cfg.num_layers)
-        x, (cache, aux) = layers(cfg, self.attention, self.dtype, name="layers")(x, cache, ctx)
+        x, (writes, aux) = layers(cfg, self.attention, self.dtype, name="layers")(x, cache, ctx)
+        if cache is not None:
+            cache = self.attention.write_cache(cache, writes, ctx)
         if last_only:
             x = x[:, -1:]
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="final_norm")(x)

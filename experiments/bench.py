@@ -1,0 +1,194 @@
+"""Prefill / decode benchmark of lh-jax against transformers' PyTorch model, side by side.
+
+Every (implementation, length) cell runs in its own subprocess so that peak RSS belongs to that
+cell alone. Timings are medians over `--repeats` runs after a warm-up (compile time is reported
+separately). Run: `lh-jax bench` or `python -m lh_jax.experiments.bench`.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def parse_lengths(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        out.append(int(float(part[:-1]) * 1024) if part.endswith("k") else int(part))
+    if not out or min(out) < 1:
+        raise ValueError(f"--lengths must list positive token counts like 1k,4k,8k; got {text!r}")
+    return out
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def _prompt(vocab: int, length: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(3, min(vocab, 40000), size=(1, length), dtype=np.int32)
+
+
+def worker_jax(model: str, length: int, repeats: int, decode_steps: int, attention_spec: dict) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    import lh_jax
+    from lh_jax import runtime
+    from lh_jax.cli import attention_from_spec
+
+    config, params = lh_jax.load(model, progress=False)
+    attention = runtime.resolve_attention(attention_from_spec(attention_spec))
+    ids = _prompt(config.vocab_size, length)
+    capacity = length + decode_steps + 2
+
+    def run_prefill():
+        cache = lh_jax.init_cache(config, 1, capacity, attention, runtime.params_dtype(params))
+        t0 = time.perf_counter()
+        logits, cache = lh_jax.prefill(params, config, ids, cache, attention)
+        logits.block_until_ready()
+        return time.perf_counter() - t0, logits, cache
+
+    first, _, _ = run_prefill()
+    times = []
+    for _ in range(repeats):
+        t, logits, cache = run_prefill()
+        times.append(t)
+    prefill_s = float(np.median(times))
+    tok = jnp.argmax(logits, -1).astype(jnp.int32)
+    t0 = time.perf_counter()
+    logits, cache = runtime._decode_jit(params, tok, cache, config, attention)
+    logits.block_until_ready()
+    decode_first = time.perf_counter() - t0
+    step_times = []
+    for _ in range(decode_steps):
+        t0 = time.perf_counter()
+        logits, cache = runtime._decode_jit(params, tok, cache, config, attention)
+        logits.block_until_ready()
+        step_times.append(time.perf_counter() - t0)
+    decode_ms = float(np.median(step_times) * 1e3)
+    return {"impl": "lh-jax", "length": length, "prefill_s": prefill_s, "tokens_per_s": length / prefill_s,
+            "decode_ms": decode_ms,
+            "compile_s": max(0.0, first - prefill_s) + max(0.0, decode_first - decode_ms / 1e3),
+            "peak_rss_gib": _peak_rss_gib(), "backend": jax.default_backend()}
+
+
+def worker_torch(model: str, length: int, repeats: int, decode_steps: int, threads: int) -> dict:
+    import torch
+    import transformers
+
+    from lh_jax.convert import resolve_model_path
+
+    torch.set_num_threads(threads)
+    path = resolve_model_path(model)
+    if path.endswith(".gguf"):
+        m = transformers.AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
+    else:
+        m = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    m.eval()
+    ids = torch.from_numpy(_prompt(m.config.vocab_size, length).astype(np.int64))
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            out = m(ids, use_cache=True, logits_to_keep=1)
+            if i:
+                times.append(time.perf_counter() - t0)
+        cache = out.past_key_values
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        step_times = []
+        for _ in range(decode_steps + 1):
+            t0 = time.perf_counter()
+            out = m(tok, past_key_values=cache, use_cache=True)
+            step_times.append(time.perf_counter() - t0)
+            cache = out.past_key_values
+    prefill_s = float(np.median(times))
+    return {"impl": "transformers", "length": length, "prefill_s": prefill_s,
+            "tokens_per_s": length / prefill_s, "decode_ms": float(np.median(step_times[1:]) * 1e3),
+            "compile_s": 0.0, "peak_rss_gib": _peak_rss_gib(), "backend": "torch-cpu"}
+
+
+def _run_cell(args, impl: str, length: int) -> dict:
+    cmd = [sys.executable, "-m", "lh_jax.experiments.bench", "--worker", impl, "--lengths", str(length),
+           "--model", args.model, "--repeats", str(args.repeats), "--decode-steps", str(args.decode_steps),
+           "--threads", str(args.threads), "--attention-json", json.dumps(args.attention_spec)]
+    env = dict(os.environ)
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return {"impl": impl, "length": length, "error": proc.stderr.strip().splitlines()[-1:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ("| impl | tokens | prefill s | tokens/s | decode ms/token | compile s | peak RSS GiB |\n"
+            "|---|---:|---:|---:|---:|---:|---:|")
+    lines = [head]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['impl']} | {r['length']} | error: {r['error']} | | | | |")
+            continue
+        lines.append(f"| {r['impl']} | {r['length']} | {r['prefill_s']:.2f} | {r['tokens_per_s']:.0f} | "
+                     f"{r['decode_ms']:.1f} | {r['compile_s']:.1f} | {r['peak_rss_gib']:.2f} |")
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default", help="model path (default: embedded SmolLM2-135M)")
+    p.add_argument("--lengths", default="1k,4k,8k", help="prompt lengths, e.g. 1k,4k,8k")
+    p.add_argument("--repeats", type=int, default=3, help="timed prefill runs per cell (median)")
+    p.add_argument("--decode-steps", type=int, default=16, help="timed decode steps per cell (median)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    p.add_argument("--no-torch", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--out", default=None, help="also write the rows as JSON here")
+
+
+def run(args) -> list[dict]:
+    from tqdm.auto import tqdm
+    lengths = parse_lengths(args.lengths)
+    impls = ["lh-jax"] + ([] if args.no_torch else ["transformers"])
+    rows = []
+    for length in tqdm(lengths, desc="bench lengths"):
+        for impl in impls:
+            rows.append(_run_cell(args, impl, length))
+    header = (f"# lh-jax bench — {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+              f"{datetime.date.today()}, model {args.model}, attention {args.attention_spec}")
+    print(header)
+    print(format_table(rows))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"header": header, "rows": rows}, f, indent=1)
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    add_arguments(p)
+    p.add_argument("--worker", choices=["lh-jax", "transformers"], help=argparse.SUPPRESS)
+    p.add_argument("--attention-json", default="{}", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.attention_spec = json.loads(args.attention_json)
+    if args.worker:
+        length = parse_lengths(args.lengths)[0]
+        if args.worker == "lh-jax":
+            res = worker_jax(args.model, length, args.repeats, args.decode_steps, args.attention_spec)
+        else:
+            res = worker_torch(args.model, length, args.repeats, args.decode_steps, args.threads)
+        print(json.dumps(res))
+        return
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
