@@ -154,6 +154,9 @@ def prefill(params, config: ModelConfig, input_ids, cache: KVCache, attention=No
     if ids.shape[0] != cache.pad.shape[0]:
         raise ValueError(f"input_ids has batch {ids.shape[0]} but the cache was made for {cache.pad.shape[0]}")
     used = int(cache.index)
+    if used and not getattr(attention, "supports_continued_prefill", True):
+        raise ValueError(f"{type(attention).__name__} supports one prefill per cache followed by decode steps; "
+                         "this cache already holds tokens")
     if used and not mask.all():
         raise ValueError("attention_mask: only the first prefill into a cache may hold left padding")
     if used + ids.shape[1] > cache.capacity:
@@ -210,6 +213,8 @@ def generate(params, config: ModelConfig, input_ids, max_new_tokens: int, attent
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     attention.validate(config)
     B, T = ids.shape
+    if hasattr(attention, "check_generation"):
+        attention.check_generation(T, int(max_new_tokens))
     if max_cache_length is not None and T + max_new_tokens > max_cache_length:
         raise CacheCapacityError(f"prompt of {T} tokens + max_new_tokens={max_new_tokens} exceeds "
                                  f"max_cache_length={max_cache_length}")

@@ -1,0 +1,159 @@
+"""The swappable pieces of LongHeads: chunk representations, chunk selection, position schemes.
+
+Axis legend: B batch, H query heads, K kv heads, G heads per kv head, R representation heads
+(H or K), C chunks, l tokens per chunk, t queries, N chunks attended per query, D head_dim,
+X representation width.
+
+Each piece is a pure function (or a frozen dataclass of pure functions), so an ablation is a
+constructor argument: `LongHeads(..., chunk_repr="mean")`, `LongHeads(..., positions="original")`,
+or your own object with the same methods.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+
+
+# --- chunk representations ---------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class AttnPooled:
+    """The paper's representation: in-chunk attention, mean output as a query, attention-pooled keys.
+
+    For chunk i and query head h: o_j = softmax(q_j·Kᵀ/√d)·V over the whole chunk (bidirectional),
+    q̄ = mean_j o_j, c = softmax(q̄·Kᵀ/√d)·K, with q, K rotated by their in-chunk offsets.
+    Padded positions are zeros that still take part in both softmaxes, as in the authors' code.
+    """
+
+    needs_queries = True
+
+    def build(self, q_loc_BCtHD, k_loc_BCtKD, v_BCtKD, valid_BCt):
+        B, C, l, H, D = q_loc_BCtHD.shape
+        K = k_loc_BCtKD.shape[3]
+        z = valid_BCt[..., None, None]
+        q = jnp.where(z, q_loc_BCtHD, 0).astype(jnp.float32).reshape(B, C, l, K, H // K, D)
+        k = jnp.where(z, k_loc_BCtKD, 0).astype(jnp.float32)
+        v = jnp.where(z, v_BCtKD, 0).astype(jnp.float32)
+        scale = D ** -0.5
+        s = jnp.einsum("BCtKGD,BCsKD->BCKGts", q, k) * scale
+        o = jnp.einsum("BCKGts,BCsKD->BCKGtD", jax.nn.softmax(s, axis=-1), v)
+        q_bar = jnp.mean(o, axis=4)  # BCKGD
+        w = jax.nn.softmax(jnp.einsum("BCKGD,BCsKD->BCKGs", q_bar, k) * scale, axis=-1)
+        rep = jnp.einsum("BCKGs,BCsKD->BCKGD", w, k)
+        return rep.reshape(B, C, H, D).transpose(0, 2, 1, 3)  # BHCD
+
+    def score(self, q_BHtD, reps_BRCX):
+        return jnp.einsum("BHtD,BHCD->BHtC", q_BHtD.astype(jnp.float32), reps_BRCX)
+
+    def width(self, num_heads, num_kv_heads, head_dim):
+        return num_heads, head_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class MeanKeys:
+    """Mean of the chunk's in-chunk-rotated keys, shared by the query heads of a kv head."""
+
+    needs_queries = False
+
+    def build(self, q_loc_BCtHD, k_loc_BCtKD, v_BCtKD, valid_BCt):
+        k = jnp.where(valid_BCt[..., None, None], k_loc_BCtKD, 0).astype(jnp.float32)
+        n = jnp.maximum(jnp.sum(valid_BCt, axis=2), 1).astype(jnp.float32)  # BC
+        return (jnp.sum(k, axis=2) / n[..., None, None]).transpose(0, 2, 1, 3)  # BKCD
+
+    def score(self, q_BHtD, reps_BKCD):
+        B, H, t, D = q_BHtD.shape
+        K = reps_BKCD.shape[1]
+        q = q_BHtD.astype(jnp.float32).reshape(B, K, H // K, t, D)
+        return jnp.einsum("BKGtD,BKCD->BKGtC", q, reps_BKCD).reshape(B, H, t, -1)
+
+    def width(self, num_heads, num_kv_heads, head_dim):
+        return num_kv_heads, head_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyBounds:
+    """Quest-style element-wise min/max of the chunk's keys; score = Σ_d max(q_d·min_d, q_d·max_d),
+    an upper bound of q·k over the chunk."""
+
+    needs_queries = False
+
+    def build(self, q_loc_BCtHD, k_loc_BCtKD, v_BCtKD, valid_BCt):
+        z = valid_BCt[..., None, None]
+        k = k_loc_BCtKD.astype(jnp.float32)
+        lo = jnp.min(jnp.where(z, k, jnp.inf), axis=2)
+        hi = jnp.max(jnp.where(z, k, -jnp.inf), axis=2)
+        empty = ~jnp.any(valid_BCt, axis=2)[..., None, None]
+        lo, hi = jnp.where(empty, 0.0, lo), jnp.where(empty, 0.0, hi)
+        return jnp.concatenate([lo, hi], axis=-1).transpose(0, 2, 1, 3)  # BKC(2D)
+
+    def score(self, q_BHtD, reps_BKCX):
+        B, H, t, D = q_BHtD.shape
+        K = reps_BKCX.shape[1]
+        q = q_BHtD.astype(jnp.float32).reshape(B, K, H // K, t, 1, D)
+        lo, hi = reps_BKCX[..., :D][:, :, None, None], reps_BKCX[..., D:][:, :, None, None]
+        return jnp.sum(jnp.maximum(q * lo, q * hi), axis=-1).reshape(B, H, t, -1)
+
+    def width(self, num_heads, num_kv_heads, head_dim):
+        return num_kv_heads, 2 * head_dim
+
+
+CHUNK_REPRESENTATIONS = {"attn": AttnPooled(), "mean": MeanKeys(), "bounds": KeyBounds()}
+
+
+# --- selection ---------------------------------------------------------------------------------
+
+def select_chunks(scores, cur, num_chunks: int, force_prev=True):
+    """Pick the chunks one query attends to.
+
+    scores [..., C] (any float), cur [...] int (the query's own chunk), force_prev [...] bool.
+    Forced: chunk 0, the own chunk `cur`, and `cur - 1` when `force_prev`. Free picks: the top
+    `num_chunks - 3` scores among chunks 1..cur-2 (1..cur-1 when the previous chunk is not
+    forced), via `lax.top_k`. Returns (idx [..., num_chunks] int32 ascending, valid [...,
+    num_chunks] bool); unused slots hold C (they sort last) and are not valid.
+    """
+    C = scores.shape[-1]
+    cur = jnp.asarray(cur, jnp.int32)
+    force_prev = jnp.broadcast_to(jnp.asarray(force_prev, bool), cur.shape)
+    n_free = num_chunks - 3
+    c = jnp.arange(C, dtype=jnp.int32)
+    cur_b, fp_b = cur[..., None], force_prev[..., None]
+    hi = jnp.where(fp_b, cur_b - 2, cur_b - 1)
+    candidate = (c >= 1) & (c <= hi)
+    parts, oks = [], []
+    if n_free > 0:
+        k = min(n_free, C)
+        vals, picks = jax.lax.top_k(jnp.where(candidate, scores.astype(jnp.float32), NEG_INF), k)
+        parts.append(picks.astype(jnp.int32))
+        oks.append(vals > NEG_INF)
+    zero = jnp.zeros_like(cur)
+    forced = jnp.stack([zero, cur - 1, cur], axis=-1)
+    forced_ok = jnp.stack([jnp.ones_like(force_prev), force_prev & (cur >= 2), cur >= 1], axis=-1)
+    parts.append(forced)
+    oks.append(forced_ok)
+    idx = jnp.concatenate(parts, axis=-1)
+    ok = jnp.concatenate(oks, axis=-1)
+    idx = jnp.sort(jnp.where(ok, idx, C), axis=-1)
+    if idx.shape[-1] < num_chunks:  # fewer chunks exist than slots
+        fill = jnp.full(idx.shape[:-1] + (num_chunks - idx.shape[-1],), C, jnp.int32)
+        idx = jnp.concatenate([idx, fill], axis=-1)
+    return idx, idx < C
+
+
+# --- position schemes -------------------------------------------------------------------------
+
+def remap_positions(slot, chunk, cur, num_selected, offset, chunk_size):
+    """Contiguous remapping (the paper): the selected chunks, in order, sit at positions
+    0..P; returns the query-to-chunk-start distance for a chunk in slot `slot`."""
+    return (num_selected - 1 - slot) * chunk_size + offset
+
+
+def original_positions(slot, chunk, cur, num_selected, offset, chunk_size):
+    """Ablation: every key keeps its true position (distances can exceed the trained length)."""
+    return (cur - chunk) * chunk_size + offset
+
+
+POSITION_SCHEMES = {"remap": remap_positions, "original": original_positions}

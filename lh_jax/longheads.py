@@ -1,0 +1,447 @@
+"""LongHeads attention (Lu et al. 2024, arXiv 2402.10685) as a drop-in attention function.
+
+Axis legend: B batch, T tokens, H query heads, K kv heads, G heads per kv head, C chunks,
+l chunk_size, t queries of a block, U chunks in a block's union, N num_chunks, D head_dim.
+
+Every head picks, for every query, `num_chunks` chunks of `chunk_size` tokens (chunk 0, the
+previous and own chunk, plus the best-scoring ones) and attends to them at contiguous positions,
+so no relative distance reaches the window `chunk_size * num_chunks`.
+
+Implementation notes
+- Keys are cached rotated by their in-chunk offset o ("k_loc"). A key in window slot s sits at
+  position s·l + o, so rotating the *query* by (its position − s·l) once per slot gives exactly
+  the remapped dot products without re-rotating any key.
+- Prefill works on blocks of queries of one chunk. Per block and head, the chunks selected by
+  any of its queries form a union (at most `union_chunks`, else all chunks — exact either way);
+  the block attends to the union with a per-query mask and per-(query, chunk) rotation, so the
+  work is dense matmuls and never a [T, T] array.
+- The cache is indexed by token position (not slot), so left-padded rows keep chunk boundaries
+  at their own positions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from lh_jax.chunks import CHUNK_REPRESENTATIONS, POSITION_SCHEMES, select_chunks
+from lh_jax.models.attention import (MASK_VALUE, AttentionContext, _group, _ungroup, attend_stats,
+                                     merge_stats, self_attention_stats)
+from lh_jax.models.config import ModelConfig
+from lh_jax.models.rope import rotate
+
+
+def _rot_half(x):
+    h = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+
+
+def _rotate_by(x, cos, sin):
+    return x * cos + _rot_half(x) * sin
+
+
+def _take_rows(x, idx, axis):
+    """x[b, ..., idx[b, j], ...] along `axis` (batched gather with a leading batch axis)."""
+    idx = idx.reshape(idx.shape + (1,) * (x.ndim - idx.ndim))
+    return jnp.take_along_axis(x, idx, axis=axis)
+
+
+@dataclasses.dataclass(frozen=True)
+class LongHeads:
+    """LongHeads attention settings; pass as `attention=` to `lh_jax.forward` / `generate`.
+
+    chunk_size: tokens per chunk (l). num_chunks: chunks each head attends to per query, the
+    forced ones included (window = chunk_size * num_chunks). dense_length: the first tokens use
+    ordinary causal attention at true positions (default: the window). reference: reproduce the
+    authors' released code, defects included (see README). chunk_repr: "attn" | "mean" |
+    "bounds" or an object with build/score/width. positions: "remap" | "original" or a function.
+    selection: "head" (each query head selects) or "group" (one selection per kv head, scores
+    summed over its query heads). union_chunks: per-block chunk budget of the prefill kernel (a
+    speed knob; results do not depend on it). query_block: queries per prefill block.
+    record_selection: also return the selected chunks as aux output (diagnostics).
+    """
+
+    chunk_size: int = 256
+    num_chunks: int = 16
+    dense_length: int | None = None
+    reference: bool = False
+    chunk_repr: Any = "attn"
+    positions: Any = "remap"
+    selection: str = "head"
+    union_chunks: int | None = None
+    query_block: int | None = None
+    record_selection: bool = False
+
+    def __post_init__(self):
+        for name in ("chunk_size", "num_chunks"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"LongHeads: {name} must be a positive integer, got {v!r}")
+        if self.num_chunks < 3:
+            raise ValueError(f"LongHeads: num_chunks={self.num_chunks} is too small to hold the 3 forced "
+                             "chunks (first, previous, current); use num_chunks >= 3")
+        if self.dense_length is None:
+            object.__setattr__(self, "dense_length", self.chunk_size * self.num_chunks)
+        if not isinstance(self.dense_length, int) or self.dense_length < 0:
+            raise ValueError(f"LongHeads: dense_length must be a non-negative integer, got {self.dense_length!r}")
+        if isinstance(self.chunk_repr, str) and self.chunk_repr not in CHUNK_REPRESENTATIONS:
+            raise ValueError(f"LongHeads: unknown chunk_repr {self.chunk_repr!r}; choose one of "
+                             f"{sorted(CHUNK_REPRESENTATIONS)} or pass an object with build/score/width")
+        if isinstance(self.positions, str) and self.positions not in POSITION_SCHEMES:
+            raise ValueError(f"LongHeads: unknown positions scheme {self.positions!r}; choose one of "
+                             f"{sorted(POSITION_SCHEMES)} or pass a function")
+        if self.selection not in ("head", "group"):
+            raise ValueError(f"LongHeads: unknown selection {self.selection!r}; choose 'head' or 'group'")
+        if self.reference:
+            if self.dense_length % self.chunk_size:
+                raise ValueError(f"LongHeads(reference=True): dense_length={self.dense_length} must be a multiple "
+                                 f"of chunk_size={self.chunk_size} (the released code cannot run otherwise)")
+            if self.dense_length < (self.num_chunks - 1) * self.chunk_size:
+                raise ValueError(f"LongHeads(reference=True): dense_length={self.dense_length} must be at least "
+                                 f"(num_chunks - 1) * chunk_size = {(self.num_chunks - 1) * self.chunk_size}; below "
+                                 "that the released code selects masked future chunks")
+            if self.chunk_repr != "attn" or self.positions != "remap" or self.selection != "head":
+                raise ValueError("LongHeads(reference=True) reproduces the released code: use the default "
+                                 "chunk_repr='attn', positions='remap', selection='head'")
+        for name in ("union_chunks", "query_block"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v <= 0):
+                raise ValueError(f"LongHeads: {name} must be a positive integer or None, got {v!r}")
+
+    # --- settings ------------------------------------------------------------------------------
+
+    @property
+    def window(self) -> int:
+        return self.chunk_size * self.num_chunks
+
+    @property
+    def repr_fn(self):
+        return CHUNK_REPRESENTATIONS[self.chunk_repr] if isinstance(self.chunk_repr, str) else self.chunk_repr
+
+    @property
+    def position_fn(self) -> Callable:
+        return POSITION_SCHEMES[self.positions] if isinstance(self.positions, str) else self.positions
+
+    supports_continued_prefill = False
+
+    def validate(self, config: ModelConfig) -> None:
+        if self.window > config.trained_length:
+            warnings.warn(f"LongHeads window chunk_size*num_chunks={self.window} exceeds the model's trained "
+                          f"length {config.trained_length}: attended distances leave the trained range, "
+                          "which defeats the purpose", stacklevel=3)
+
+    def check_generation(self, prompt_length: int, max_new_tokens: int) -> None:
+        """Reference mode raises where the released code raises (defect 2)."""
+        if not self.reference:
+            return
+        l, B = self.chunk_size, self.dense_length
+        S, end = prompt_length, prompt_length + max_new_tokens
+        cached = max(0, -(-S // l) - 1)
+        if S > 1 and S < B <= end and cached > 0 and B // l > cached + 1:
+            raise ValueError(
+                f"LongHeads(reference=True): a {S}-token prompt continued past dense_length={B} fails in the "
+                f"released code (its chunk summaries are not kept up to date in the dense phase: it holds "
+                f"{cached}, needs {B // l}); use reference=False, which keeps them up to date")
+
+    # --- cache ---------------------------------------------------------------------------------
+
+    def _capacity(self, capacity):
+        return -(-capacity // self.chunk_size) * self.chunk_size
+
+    def init_cache(self, config: ModelConfig, batch: int, capacity: int, dtype) -> dict:
+        cap = self._capacity(capacity)
+        R, X = self.repr_fn.width(config.num_heads, config.num_kv_heads, config.head_dim)
+        K, D, H, l = config.num_kv_heads, config.head_dim, config.num_heads, self.chunk_size
+        return {"k": jnp.zeros((batch, K, cap, D), dtype), "v": jnp.zeros((batch, K, cap, D), dtype),
+                "reps": jnp.zeros((batch, R, cap // l, X), jnp.float32),
+                "qbuf": jnp.zeros((batch, H, l if self.repr_fn.needs_queries else 0, D), dtype)}
+
+    # --- the attention function ----------------------------------------------------------------
+
+    def __call__(self, q, k, v, *, config: ModelConfig, rope, ctx: AttentionContext, cache):
+        if q.shape[1] == 1 and cache is not None:
+            return self._decode(q, k, v, rope, ctx, cache)
+        return self._prefill(q, k, v, rope, ctx, cache is not None)
+
+    def write_cache(self, cache, writes, ctx: AttentionContext):
+        if "pos" not in writes:  # prefill: whole arrays from position 0
+            out = dict(cache)
+            for name in ("k", "v", "reps"):
+                new = writes[name].astype(cache[name].dtype)
+                out[name] = jax.lax.dynamic_update_slice_in_dim(cache[name], new, 0, axis=3)
+            out["qbuf"] = writes["qbuf"].astype(cache["qbuf"].dtype)
+            return out
+        pos = writes["pos"][0]  # [B] (identical across layers)
+        l = self.chunk_size
+
+        def put(c_LBxSX, n_LBx1X, idx_B):
+            f = lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=1)
+            return jax.vmap(jax.vmap(f, in_axes=(0, 0, 0)), in_axes=(0, 0, None))(c_LBxSX, n_LBx1X, idx_B)
+
+        out = {"k": put(cache["k"], writes["k"].astype(cache["k"].dtype), pos),
+               "v": put(cache["v"], writes["v"].astype(cache["v"].dtype), pos),
+               "reps": put(cache["reps"], writes["reps"], pos // l)}
+        if cache["qbuf"].shape[3]:
+            out["qbuf"] = put(cache["qbuf"], writes["q"].astype(cache["qbuf"].dtype), pos % l)
+        else:
+            out["qbuf"] = cache["qbuf"]
+        return out
+
+    # --- prefill -------------------------------------------------------------------------------
+
+    def _prefill(self, q, k, v, rope, ctx: AttentionContext, with_cache: bool):
+        B, T, H, D = q.shape
+        K = k.shape[2]
+        l, N = self.chunk_size, self.num_chunks
+        n_valid = jnp.sum(ctx.token_mask, axis=1).astype(jnp.int32)  # [B]
+        # to position space: row b's position p sits at index p
+        to_pos = (jnp.arange(T, dtype=jnp.int32)[None, :] + ctx.pad[:, None]) % T
+        q, k, v = (_take_rows(x, to_pos, 1) for x in (q, k, v))
+        C = -(-T // l)
+        Tl = C * l
+        padT = lambda x: jnp.pad(x, ((0, 0), (0, Tl - T)) + ((0, 0),) * (x.ndim - 2))
+        q, k, v = padT(q), padT(k), padT(v)
+        pos = jnp.arange(Tl, dtype=jnp.int32)
+        valid = pos[None, :] < n_valid[:, None]  # [B, Tl]
+        seq_len = n_valid if rope.rope.rope_type == "dynamic" else None
+
+        offs = jnp.broadcast_to(pos % l, (B, Tl))
+        cs_loc = rope.cos_sin(offs, seq_len)
+        q_loc, k_loc = rotate(q, *cs_loc), rotate(k, *cs_loc)
+        chunked = lambda x: x.reshape((B, C, l) + x.shape[2:])
+        reps = self.repr_fn.build(chunked(q_loc), chunked(k_loc), chunked(v), valid.reshape(B, C, l))
+
+        # dense part: ordinary causal attention at true positions
+        Dn = min(self.dense_length, Tl)
+        outs = []
+        if Dn > 0:
+            p_true = jnp.broadcast_to(pos[:Dn], (B, Dn))
+            cs = rope.cos_sin(p_true, seq_len)
+            qd, kd = rotate(q[:, :Dn], *cs), rotate(k[:, :Dn], *cs)
+            dense, _ = self_attention_stats(_group(qd, K), kd.transpose(0, 2, 1, 3), v[:, :Dn].transpose(0, 2, 1, 3),
+                                            valid[:, :Dn])
+            outs.append(_ungroup(dense).astype(q.dtype))
+
+        aux = None
+        if Dn < Tl:
+            sel_out, sel_idx = self._selective_prefill(q, k_loc, v, reps, n_valid, seq_len, rope, Dn)
+            if Dn > 0:
+                first = (Dn // l) * l  # the selective blocks start at a chunk boundary
+                sel_out = sel_out[:, Dn - first:]
+            outs.append(sel_out.astype(q.dtype))
+            if self.record_selection:
+                aux = {"selected": sel_idx}  # [B, H, Tl - first, N] for positions first..Tl-1
+        out = jnp.concatenate(outs, axis=1)[:, :T]
+        # back to slot space
+        to_slot = (jnp.arange(T, dtype=jnp.int32)[None, :] - ctx.pad[:, None]) % T
+        out = _take_rows(out, to_slot, 1)
+        if not with_cache:
+            return out, None, aux
+        last_chunk = jnp.minimum(n_valid // l, C - 1)  # the chunk the next token lands in
+        q_chunks = chunked(q_loc)  # BCtHD
+        qbuf = _take_rows(q_chunks, last_chunk[:, None], 1)[:, 0].transpose(0, 2, 1, 3)  # BHtD
+        if not self.repr_fn.needs_queries:
+            qbuf = qbuf[:, :, :0]
+        writes = {"k": k_loc.transpose(0, 2, 1, 3), "v": v.transpose(0, 2, 1, 3), "reps": reps, "qbuf": qbuf}
+        return out, writes, aux
+
+    def _scores(self, q_BHtD, reps, H, K):
+        s = self.repr_fn.score(q_BHtD, reps)  # BHtC
+        if self.selection == "group":
+            B, _, t, C = s.shape
+            s = jnp.broadcast_to(s.reshape(B, K, H // K, t, C).sum(2, keepdims=True), (B, K, H // K, t, C))
+            s = s.reshape(B, H, t, C)
+        return s
+
+    def _selective_prefill(self, q, k_loc, v, reps, n_valid, seq_len, rope, Dn):
+        """Selective attention for all query blocks from chunk Dn // l on; returns [B, T', H, D]."""
+        B, Tl, H, D = q.shape
+        K = k_loc.shape[2]
+        G = H // K
+        l, N = self.chunk_size, self.num_chunks
+        C = Tl // l
+        qb_size = min(self.query_block or l, l)
+        while l % qb_size:
+            qb_size -= 1
+        first_chunk = Dn // l
+        n_blocks = (C - first_chunk) * (l // qb_size)
+        U = min(C, self.union_chunks or 2 * N)
+        position_fn = self.position_fn
+        scale = D ** -0.5
+        # per query head views of the keys/values by chunk: BHClD
+        k_h = jnp.repeat(k_loc.reshape(B, C, l, K, D).transpose(0, 3, 1, 2, 4), G, axis=1)
+        v_h = jnp.repeat(v.reshape(B, C, l, K, D).transpose(0, 3, 1, 2, 4), G, axis=1)
+        # cos/sin by distance from a chunk start: remap distances stay below N·l, original ones below Tl
+        max_dist = Tl + l if self.positions != "remap" else N * l + l
+        dist_pos = jnp.broadcast_to(jnp.arange(max_dist, dtype=jnp.int32), (B, max_dist))
+        cos_tab, sin_tab = rope.cos_sin(dist_pos, seq_len)  # B, M, D
+        o_key = jnp.arange(l, dtype=jnp.int32)
+
+        def block(i):
+            start = first_chunk * l + i * qb_size
+            cur = start // l
+            qb = jax.lax.dynamic_slice_in_dim(q, start, qb_size, axis=1).transpose(0, 2, 1, 3)  # BHtD
+            o_q = (start + jnp.arange(qb_size, dtype=jnp.int32)) % l
+            scores = self._scores(qb, reps, H, K)
+            cur_t = jnp.full(scores.shape[:-1], cur, jnp.int32)
+            sel, ok = select_chunks(scores, cur_t, N, True)  # BHtN
+            n_sel = jnp.sum(ok, axis=-1)  # BHt
+            member = (sel[..., :, None] == jnp.arange(C)[None, :]) & ok[..., None]  # BHtNC
+            M = jnp.any(member, axis=-2)  # BHtC
+            rank = jnp.cumsum(M, axis=-1) - 1
+            used = jnp.any(M, axis=2)  # BHC
+            count = jnp.sum(used, axis=-1)
+
+            def attend_union(Uc):
+                if Uc >= C:
+                    uidx = jnp.broadcast_to(jnp.arange(C, dtype=jnp.int32), (B, H, C))
+                else:
+                    keyed = jnp.where(used, C - jnp.arange(C), 0)
+                    _, uidx = jax.lax.top_k(keyed, Uc)
+                u_ok = jnp.take_along_axis(used, uidx, axis=-1)  # BHU
+                Ku = jnp.take_along_axis(k_h, uidx[..., None, None], axis=2)  # BHUlD
+                Vu = jnp.take_along_axis(v_h, uidx[..., None, None], axis=2)
+                gidx = jnp.broadcast_to(uidx[:, :, None, :], M.shape[:3] + (uidx.shape[-1],))
+                m_tu = jnp.take_along_axis(M, gidx, axis=-1) & u_ok[:, :, None, :]  # BHtU
+                s_tu = jnp.take_along_axis(rank, gidx, axis=-1)
+                chunk = uidx[:, :, None, :]
+                dist = position_fn(s_tu, chunk, cur, n_sel[..., None], o_q[None, None, :, None], l)
+                dist = jnp.clip(dist, 0, max_dist - 1)
+                cos = cos_tab[jnp.arange(B)[:, None, None, None], dist]
+                sin = sin_tab[jnp.arange(B)[:, None, None, None], dist]
+                qr = _rotate_by(qb.astype(jnp.float32)[:, :, :, None, :], cos, sin).astype(q.dtype)
+                s = jnp.einsum("BHtUD,BHUoD->BHtUo", qr, Ku, preferred_element_type=jnp.float32) * scale
+                own = chunk[..., None] == cur
+                if self.reference:
+                    causal = o_key[None, None, None, None, :] < o_q[None, None, :, None, None]
+                else:
+                    causal = o_key[None, None, None, None, :] <= o_q[None, None, :, None, None]
+                key_pos = chunk[..., None] * l + o_key
+                mask = m_tu[..., None] & (~own | causal) & (key_pos < n_valid[:, None, None, None, None])
+                s = jnp.where(mask, s, MASK_VALUE)
+                sh = s.shape
+                p = jax.nn.softmax(s.reshape(sh[:3] + (-1,)), axis=-1).reshape(sh)
+                return jnp.einsum("BHtUo,BHUoD->BHtD", p.astype(v.dtype), Vu, preferred_element_type=jnp.float32)
+
+            if U >= C:
+                out = attend_union(C)
+            else:
+                out = jax.lax.cond(jnp.max(count) > U, lambda: attend_union(C), lambda: attend_union(U))
+            return out.transpose(0, 2, 1, 3), sel  # BtHD, BHtN
+
+        out, sel = jax.lax.map(block, jnp.arange(n_blocks, dtype=jnp.int32))
+        out = out.transpose(1, 0, 2, 3, 4).reshape(B, n_blocks * qb_size, H, D)
+        sel = sel.transpose(1, 2, 0, 3, 4).reshape(B, H, n_blocks * qb_size, N)
+        return out, sel
+
+    # --- decode --------------------------------------------------------------------------------
+
+    def _decode(self, q, k, v, rope, ctx: AttentionContext, cache):
+        B, _, H, D = q.shape
+        K = k.shape[2]
+        G = H // K
+        l, N = self.chunk_size, self.num_chunks
+        cap = cache["k"].shape[2]
+        C = cap // l
+        p = ctx.positions[:, 0]  # [B]
+        n = p + 1
+        cur = p // l
+        o = p % l
+        seq_len = n if rope.rope.rope_type == "dynamic" else None
+        o_b = o[:, None]
+        q_loc = rope.apply(q, o_b, seq_len)
+        k_loc = rope.apply(k, o_b, seq_len)  # BTKD with T=1
+        q_raw = q[:, 0].astype(jnp.float32)  # BHD
+        scale = D ** -0.5
+
+        # the own chunk, patched with the new token: keys/values/queries
+        bidx = jnp.arange(B)
+        chunk_keys = cache["k"].reshape(B, K, C, l, D)
+        chunk_vals = cache["v"].reshape(B, K, C, l, D)
+        own_k = chunk_keys[bidx, :, cur]  # B K l D
+        own_v = chunk_vals[bidx, :, cur]
+        at_o = (jnp.arange(l)[None, :] == o_b)[:, None, :, None]  # B 1 l 1
+        own_k = jnp.where(at_o, k_loc[:, 0][:, :, None, :].astype(own_k.dtype), own_k)
+        own_v = jnp.where(at_o, v[:, 0][:, :, None, :].astype(own_v.dtype), own_v)
+
+        # the own chunk's representation (final once the chunk is complete)
+        reps = cache["reps"]
+        # (rebuilt every step; only the value at the chunk's last token is ever scored)
+        if self.repr_fn.needs_queries:
+            qbuf = jnp.where(at_o, q_loc[:, 0][:, :, None, :].astype(cache["qbuf"].dtype), cache["qbuf"])  # BHlD
+            q_chunk = qbuf.transpose(0, 2, 1, 3)[:, None]  # B 1 l H D
+        else:
+            q_chunk = jnp.zeros((B, 1, l, H, D), q.dtype)
+        valid_own = jnp.arange(l)[None, None, :] <= o_b[:, :, None]
+        own_rep = self.repr_fn.build(q_chunk, own_k.transpose(0, 2, 1, 3)[:, None],
+                                     own_v.transpose(0, 2, 1, 3)[:, None], valid_own)  # B R 1 X
+        reps = jax.vmap(lambda r, n_, i: jax.lax.dynamic_update_slice_in_dim(r, n_, i, axis=1))(
+            reps, own_rep, cur)
+
+        if self.reference:
+            dense_row = n < self.dense_length
+            force_prev = (n % l) != 0
+        else:
+            dense_row = p < self.dense_length
+            force_prev = jnp.ones_like(dense_row)
+
+        # dense: all cached positions < p at true distances, plus the own key
+        def dense_branch():
+            dist = p[:, None] - jnp.arange(C)[None, :] * l  # B C (query minus chunk start)
+            cos, sin = rope.cos_sin(jnp.clip(dist, 0, None), seq_len)  # B C D
+            qr = _rotate_by(q_raw[:, :, None, :], cos[:, None], sin[:, None])  # B H C D
+            qr = qr.reshape(B, K, G, C, D).astype(cache["k"].dtype)
+            s = jnp.einsum("BKGCD,BKClD->BKGCl", qr, chunk_keys, preferred_element_type=jnp.float32) * scale
+            key_pos = jnp.arange(cap).reshape(C, l)
+            mask = (key_pos[None] < p[:, None, None])[:, None, None]
+            s = jnp.where(mask, s, MASK_VALUE).reshape(B, K, G, 1, cap)
+            m = jnp.max(s, -1)
+            e = jnp.exp(s - m[..., None])
+            lsum = jnp.sum(e, -1)
+            ov = jnp.einsum("BKGtS,BKSD->BKGtD", e.astype(cache["v"].dtype), cache["v"],
+                            preferred_element_type=jnp.float32) / lsum[..., None]
+            past = (ov, m + jnp.log(lsum))
+            # own key at distance 0
+            q_self = rope.apply(q, p[:, None], seq_len)
+            k_self = rope.apply(k, p[:, None], seq_len)
+            selfp = attend_stats(_group(q_self, K), k_self.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+                                 jnp.ones((B, 1, 1), bool), scale)
+            out, _ = merge_stats([past, selfp])
+            return _ungroup(out)
+
+        def selective_branch():
+            scores = self._scores(q_raw[:, :, None, :], reps, H, K)[:, :, 0]  # B H C
+            sel, ok = select_chunks(scores, jnp.broadcast_to(cur[:, None], (B, H)), N,
+                                    jnp.broadcast_to(force_prev[:, None], (B, H)))  # B H N
+            n_sel = jnp.sum(ok, -1)
+            slot = jnp.arange(N)
+            dist = self.position_fn(slot[None, None], sel, cur[:, None, None], n_sel[..., None], o[:, None, None], l)
+            cos, sin = rope.cos_sin(jnp.clip(dist, 0, None).reshape(B, H * N), seq_len)
+            qr = _rotate_by(q_raw[:, :, None, :], cos.reshape(B, H, N, D), sin.reshape(B, H, N, D))
+            kv_head = jnp.arange(H) // G
+            safe = jnp.minimum(sel, C - 1)
+            Ks = chunk_keys[bidx[:, None, None], kv_head[None, :, None], safe]  # B H N l D
+            Vs = chunk_vals[bidx[:, None, None], kv_head[None, :, None], safe]
+            is_own = (sel == cur[:, None, None])[..., None, None]
+            Ks = jnp.where(is_own, own_k[:, kv_head][:, :, None], Ks)
+            Vs = jnp.where(is_own, own_v[:, kv_head][:, :, None], Vs)
+            s = jnp.einsum("BHND,BHNlD->BHNl", qr.astype(Ks.dtype), Ks, preferred_element_type=jnp.float32) * scale
+            key_ok = ok[..., None] & (~is_own[..., 0] | (jnp.arange(l)[None, None, None, :] <= o[:, None, None, None]))
+            s = jnp.where(key_ok, s, MASK_VALUE).reshape(B, H, N * l)
+            pr = jax.nn.softmax(s, axis=-1).reshape(B, H, N, l)
+            out = jnp.einsum("BHNl,BHNlD->BHD", pr.astype(Vs.dtype), Vs, preferred_element_type=jnp.float32)
+            return out[:, None], sel
+
+        any_dense, any_sel = jnp.any(dense_row), jnp.any(~dense_row)
+        zeros = jnp.zeros((B, 1, H, D), jnp.float32)
+        dense_out = jax.lax.cond(any_dense, dense_branch, lambda: zeros)
+        sel_out, sel = jax.lax.cond(any_sel, selective_branch,
+                                    lambda: (zeros, jnp.full((B, H, N), C, jnp.int32)))
+        out = jnp.where(dense_row[:, None, None, None], dense_out, sel_out).astype(q.dtype)
+        writes = {"pos": p, "k": k_loc.transpose(0, 2, 1, 3), "v": v.transpose(0, 2, 1, 3),
+                  "reps": own_rep, "q": q_loc.transpose(0, 2, 1, 3)}
+        aux = {"selected": jnp.where(dense_row[:, None, None], -1, sel)} if self.record_selection else None
+        return out, writes, aux
