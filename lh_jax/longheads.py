@@ -257,7 +257,12 @@ class LongHeads:
         return s
 
     def _selective_prefill(self, q, k_loc, v, reps, n_valid, seq_len, rope, Dn):
-        """Selective attention for all query blocks from chunk Dn // l on; returns [B, T', H, D]."""
+        """Selective attention for all query blocks from chunk Dn // l on; returns [B, T', H, D].
+
+        Blocks run in segments: a block whose own chunk is `cur` can only use chunks 0..cur, so a
+        segment of blocks with cur < U attends to a union of at most U chunks — exact with a
+        static U. Within a segment, a block whose union fits `union_chunks` takes a cheaper path.
+        """
         B, Tl, H, D = q.shape
         K = k_loc.shape[2]
         G = H // K
@@ -266,24 +271,34 @@ class LongHeads:
         qb_size = min(self.query_block or l, l)
         while l % qb_size:
             qb_size -= 1
+        per_chunk = l // qb_size
         first_chunk = Dn // l
-        n_blocks = (C - first_chunk) * (l // qb_size)
-        U = min(C, self.union_chunks or 2 * N)
         position_fn = self.position_fn
+        builtin = self.positions in ("remap", "original")
         scale = D ** -0.5
         # per query head views of the keys/values by chunk: BHClD
         k_h = jnp.repeat(k_loc.reshape(B, C, l, K, D).transpose(0, 3, 1, 2, 4), G, axis=1)
         v_h = jnp.repeat(v.reshape(B, C, l, K, D).transpose(0, 3, 1, 2, 4), G, axis=1)
-        # cos/sin by distance from a chunk start: remap distances stay below N·l, original ones below Tl
-        max_dist = Tl + l if self.positions != "remap" else N * l + l
-        dist_pos = jnp.broadcast_to(jnp.arange(max_dist, dtype=jnp.int32), (B, max_dist))
-        cos_tab, sin_tab = rope.cos_sin(dist_pos, seq_len)  # B, M, D
+        q_raw = q.transpose(0, 2, 1, 3)  # BHTD
         o_key = jnp.arange(l, dtype=jnp.int32)
+        _, rope_scale = rope.static_inv_freq()
+        if builtin:
+            # distance = j·l + o_t: rotate the in-chunk-rotated query by j·l (j < J) — a table
+            J = N if self.positions == "remap" else C
+            jl = jnp.broadcast_to(jnp.arange(J, dtype=jnp.int32) * l, (B, J))
+            cos_j, sin_j = rope.cos_sin(jl, seq_len)  # B J D
+            cos_j, sin_j = cos_j / rope_scale, sin_j / rope_scale  # the scale is already in q_loc
+            offs = jnp.broadcast_to(jnp.arange(Tl, dtype=jnp.int32) % l, (B, Tl))
+            q_loc = rotate(q, *rope.cos_sin(offs, seq_len)).transpose(0, 2, 1, 3)  # BHTD
+        else:
+            max_dist = Tl + N * l
+            dpos = jnp.broadcast_to(jnp.arange(max_dist, dtype=jnp.int32), (B, max_dist))
+            cos_tab, sin_tab = rope.cos_sin(dpos, seq_len)
 
-        def block(i):
-            start = first_chunk * l + i * qb_size
+        def block(i, U):
+            start = i * qb_size
             cur = start // l
-            qb = jax.lax.dynamic_slice_in_dim(q, start, qb_size, axis=1).transpose(0, 2, 1, 3)  # BHtD
+            qb = jax.lax.dynamic_slice_in_dim(q_raw, start, qb_size, axis=2)  # BHtD
             o_q = (start + jnp.arange(qb_size, dtype=jnp.int32)) % l
             scores = self._scores(qb, reps, H, K)
             cur_t = jnp.full(scores.shape[:-1], cur, jnp.int32)
@@ -296,43 +311,65 @@ class LongHeads:
             count = jnp.sum(used, axis=-1)
 
             def attend_union(Uc):
-                if Uc >= C:
-                    uidx = jnp.broadcast_to(jnp.arange(C, dtype=jnp.int32), (B, H, C))
-                else:
-                    keyed = jnp.where(used, C - jnp.arange(C), 0)
-                    _, uidx = jax.lax.top_k(keyed, Uc)
+                keyed = jnp.where(used, C - jnp.arange(C), 0)
+                _, uidx = jax.lax.top_k(keyed, Uc)  # the selected chunks first, ascending
                 u_ok = jnp.take_along_axis(used, uidx, axis=-1)  # BHU
                 Ku = jnp.take_along_axis(k_h, uidx[..., None, None], axis=2)  # BHUlD
                 Vu = jnp.take_along_axis(v_h, uidx[..., None, None], axis=2)
-                gidx = jnp.broadcast_to(uidx[:, :, None, :], M.shape[:3] + (uidx.shape[-1],))
+                gidx = jnp.broadcast_to(uidx[:, :, None, :], M.shape[:3] + (Uc,))
                 m_tu = jnp.take_along_axis(M, gidx, axis=-1) & u_ok[:, :, None, :]  # BHtU
                 s_tu = jnp.take_along_axis(rank, gidx, axis=-1)
-                chunk = uidx[:, :, None, :]
-                dist = position_fn(s_tu, chunk, cur, n_sel[..., None], o_q[None, None, :, None], l)
-                dist = jnp.clip(dist, 0, max_dist - 1)
-                cos = cos_tab[jnp.arange(B)[:, None, None, None], dist]
-                sin = sin_tab[jnp.arange(B)[:, None, None, None], dist]
-                qr = _rotate_by(qb.astype(jnp.float32)[:, :, :, None, :], cos, sin).astype(q.dtype)
-                s = jnp.einsum("BHtUD,BHUoD->BHtUo", qr, Ku, preferred_element_type=jnp.float32) * scale
-                own = chunk[..., None] == cur
-                if self.reference:
-                    causal = o_key[None, None, None, None, :] < o_q[None, None, :, None, None]
+                dist = position_fn(s_tu, uidx[:, :, None, :], cur, n_sel[..., None], o_q[None, None, :, None], l)
+                # layout BHUtD: one small matmul per (head, chunk), batch axes leading
+                if builtin:
+                    j = jnp.clip((dist - o_q[None, None, :, None]) // l, 0, J - 1).transpose(0, 1, 3, 2)  # BHUt
+                    ql = jax.lax.dynamic_slice_in_dim(q_loc, start, qb_size, axis=2).astype(jnp.float32)
+                    q_j = (ql[:, :, None] * cos_j[:, None, :, None] +
+                           _rot_half(ql)[:, :, None] * sin_j[:, None, :, None])  # BHJtD
+                    qr = jnp.take_along_axis(q_j, j[..., None], axis=2)  # BHUtD
                 else:
-                    causal = o_key[None, None, None, None, :] <= o_q[None, None, :, None, None]
-                key_pos = chunk[..., None] * l + o_key
-                mask = m_tu[..., None] & (~own | causal) & (key_pos < n_valid[:, None, None, None, None])
-                s = jnp.where(mask, s, MASK_VALUE)
-                sh = s.shape
-                p = jax.nn.softmax(s.reshape(sh[:3] + (-1,)), axis=-1).reshape(sh)
-                return jnp.einsum("BHtUo,BHUoD->BHtD", p.astype(v.dtype), Vu, preferred_element_type=jnp.float32)
+                    dist = jnp.clip(dist, 0, max_dist - 1).transpose(0, 1, 3, 2)  # BHUt
+                    b_ix = jnp.arange(B)[:, None, None, None]
+                    qr = _rotate_by(qb.astype(jnp.float32)[:, :, None, :, :], cos_tab[b_ix, dist], sin_tab[b_ix, dist])
+                s = jnp.einsum("BHUtD,BHUoD->BHUto", qr.astype(q.dtype), Ku, preferred_element_type=jnp.float32)
+                own = (uidx == cur)[:, :, :, None, None]
+                if self.reference:
+                    causal = o_key[None, :] < o_q[:, None]
+                else:
+                    causal = o_key[None, :] <= o_q[:, None]
+                key_pos = uidx[..., None] * l + o_key  # BHUo
+                key_ok = key_pos < n_valid[:, None, None, None]
+                mask = (m_tu.transpose(0, 1, 3, 2)[..., None] & (~own | causal[None, None, None])
+                        & key_ok[:, :, :, None, :])
+                s = jnp.where(mask, s * scale, MASK_VALUE)
+                mx = jnp.max(s, axis=(2, 4))  # BHt
+                p = jnp.exp(s - mx[:, :, None, :, None])
+                den = jnp.sum(p, axis=(2, 4))
+                o = jnp.einsum("BHUto,BHUoD->BHUtD", p.astype(v.dtype), Vu, preferred_element_type=jnp.float32)
+                return jnp.sum(o, axis=2) / den[..., None]
 
-            if U >= C:
-                out = attend_union(C)
+            small = min(U, self.union_chunks or 2 * N)
+            if small >= U:
+                out = attend_union(U)
             else:
-                out = jax.lax.cond(jnp.max(count) > U, lambda: attend_union(C), lambda: attend_union(U))
+                out = jax.lax.cond(jnp.max(count) <= small, lambda: attend_union(small), lambda: attend_union(U))
             return out.transpose(0, 2, 1, 3), sel  # BtHD, BHtN
 
-        out, sel = jax.lax.map(block, jnp.arange(n_blocks, dtype=jnp.int32))
+        # segments of blocks: own chunk < U, U doubling from 2N up to C
+        outs, sels = [], []
+        c0 = first_chunk
+        U = min(C, 2 * N)
+        while c0 < C:
+            U_seg = min(C, max(U, c0 + 1))
+            c1 = U_seg  # blocks with cur in [c0, c1) can only use chunks below c1 <= U_seg
+            ids = jnp.arange(c0 * per_chunk, c1 * per_chunk, dtype=jnp.int32)
+            o, sl = jax.lax.map(lambda i, U_seg=U_seg: block(i, U_seg), ids)
+            outs.append(o)
+            sels.append(sl)
+            c0, U = c1, U_seg * 2
+        out = jnp.concatenate(outs, axis=0)
+        sel = jnp.concatenate(sels, axis=0)
+        n_blocks = out.shape[0]
         out = out.transpose(1, 0, 2, 3, 4).reshape(B, n_blocks * qb_size, H, D)
         sel = sel.transpose(1, 2, 0, 3, 4).reshape(B, H, n_blocks * qb_size, N)
         return out, sel
