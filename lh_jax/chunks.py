@@ -143,6 +143,23 @@ def select_chunks(scores, cur, num_chunks: int, force_prev=True):
     return idx, idx < C
 
 
+def select_recent(scores, cur, num_chunks: int, force_prev=True):
+    """Baseline selector (a chunk-level sliding window, StreamingLLM-style): chunk 0 as the
+    attention sink plus the most recent chunks up to the own one, ignoring the scores.
+    Same signature and output convention as `select_chunks`."""
+    C = scores.shape[-1]
+    cur = jnp.asarray(cur, jnp.int32)[..., None]
+    slots = jnp.arange(num_chunks, dtype=jnp.int32)
+    recent = cur - (num_chunks - 2) + slots[:-1]  # num_chunks - 1 most recent chunks
+    ok = recent >= 1
+    idx = jnp.concatenate([jnp.zeros_like(cur), jnp.where(ok, recent, C)], axis=-1)
+    idx = jnp.sort(idx, axis=-1)
+    return idx, idx < C
+
+
+SELECTORS = {"topk": select_chunks, "recent": select_recent}
+
+
 # --- position schemes -------------------------------------------------------------------------
 
 def remap_positions(slot, chunk, cur, num_selected, offset, chunk_size):

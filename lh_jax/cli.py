@@ -1,4 +1,4 @@
-"""The `lh-jax` console script: generate, convert, bench."""
+"""The `lh-jax` console script: generate, convert, bench, passkey."""
 from __future__ import annotations
 
 import argparse
@@ -6,22 +6,44 @@ import sys
 import time
 
 
-def add_attention_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--attention", default="full", choices=["full"],
-                   help="attention method (full: the model's own causal attention)")
+ATTENTIONS = ("full", "longheads", "longheads-ref", "sliding")
+
+
+def add_attention_arguments(p: argparse.ArgumentParser, default: str = "full") -> None:
+    p.add_argument("--attention", default=default, choices=ATTENTIONS,
+                   help="full: the model's own attention; longheads: LongHeads (default mode); "
+                        "longheads-ref: the authors' released behaviour; sliding: chunk 0 + recent chunks")
+    p.add_argument("--chunk-size", type=int, default=256, help="LongHeads tokens per chunk")
+    p.add_argument("--num-chunks", type=int, default=16, help="LongHeads chunks attended per query")
+    p.add_argument("--dense-length", type=int, default=None, help="LongHeads dense prefix (default: window)")
+    p.add_argument("--chunk-repr", default="attn", choices=["attn", "mean", "bounds"])
+    p.add_argument("--positions", default="remap", choices=["remap", "original"])
+    p.add_argument("--selection", default="head", choices=["head", "group"])
 
 
 def attention_spec(args) -> dict:
-    return {"name": args.attention}
+    return {"name": args.attention, "chunk_size": args.chunk_size, "num_chunks": args.num_chunks,
+            "dense_length": args.dense_length, "chunk_repr": args.chunk_repr, "positions": args.positions,
+            "selection": args.selection}
 
 
 def attention_from_spec(spec: dict):
     """Build an attention function from a JSON-able spec (used by CLIs and benchmark workers)."""
+    from lh_jax.longheads import LongHeads
     from lh_jax.models.attention import FullAttention
     name = spec.get("name", "full")
     if name == "full":
         return FullAttention()
-    raise ValueError(f"unknown attention {name!r}")
+    common = dict(chunk_size=spec.get("chunk_size", 256), num_chunks=spec.get("num_chunks", 16),
+                  dense_length=spec.get("dense_length"))
+    if name == "longheads":
+        return LongHeads(**common, chunk_repr=spec.get("chunk_repr", "attn"),
+                         positions=spec.get("positions", "remap"), selection=spec.get("selection", "head"))
+    if name == "longheads-ref":
+        return LongHeads(**common, reference=True)
+    if name == "sliding":
+        return LongHeads(**common, selector="recent")
+    raise ValueError(f"unknown attention {name!r}; choose one of {', '.join(ATTENTIONS)}")
 
 
 def cmd_generate(args) -> None:
@@ -91,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(b)
     add_attention_arguments(b)
     b.set_defaults(func=cmd_bench)
+
+    from lh_jax.experiments import passkey
+    k = sub.add_parser("passkey", help="passkey retrieval accuracy per length and depth")
+    passkey.add_arguments(k)
+    add_attention_arguments(k)
+    k.set_defaults(func=passkey.main)
     return p
 
 

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from lh_jax.chunks import CHUNK_REPRESENTATIONS, POSITION_SCHEMES, select_chunks
+from lh_jax.chunks import CHUNK_REPRESENTATIONS, POSITION_SCHEMES, SELECTORS
 from lh_jax.models.attention import (MASK_VALUE, AttentionContext, _group, _ungroup, attend_stats,
                                      merge_stats, self_attention_stats)
 from lh_jax.models.config import ModelConfig
@@ -59,7 +59,8 @@ class LongHeads:
     authors' released code, defects included (see README). chunk_repr: "attn" | "mean" |
     "bounds" or an object with build/score/width. positions: "remap" | "original" or a function.
     selection: "head" (each query head selects) or "group" (one selection per kv head, scores
-    summed over its query heads). union_chunks: per-block chunk budget of the prefill kernel (a
+    summed over its query heads). selector: "topk" (the paper) | "recent" (chunk 0 + the most
+    recent chunks: a sliding-window baseline) or a function like `chunks.select_chunks`. union_chunks: per-block chunk budget of the prefill kernel (a
     speed knob; results do not depend on it). query_block: queries per prefill block.
     record_selection: also return the selected chunks as aux output (diagnostics).
     """
@@ -71,6 +72,7 @@ class LongHeads:
     chunk_repr: Any = "attn"
     positions: Any = "remap"
     selection: str = "head"
+    selector: Any = "topk"
     union_chunks: int | None = None
     query_block: int | None = None
     record_selection: bool = False
@@ -93,6 +95,9 @@ class LongHeads:
         if isinstance(self.positions, str) and self.positions not in POSITION_SCHEMES:
             raise ValueError(f"LongHeads: unknown positions scheme {self.positions!r}; choose one of "
                              f"{sorted(POSITION_SCHEMES)} or pass a function")
+        if isinstance(self.selector, str) and self.selector not in SELECTORS:
+            raise ValueError(f"LongHeads: unknown selector {self.selector!r}; choose one of {sorted(SELECTORS)} "
+                             "or pass a function")
         if self.selection not in ("head", "group"):
             raise ValueError(f"LongHeads: unknown selection {self.selection!r}; choose 'head' or 'group'")
         if self.reference:
@@ -103,7 +108,8 @@ class LongHeads:
                 raise ValueError(f"LongHeads(reference=True): dense_length={self.dense_length} must be at least "
                                  f"(num_chunks - 1) * chunk_size = {(self.num_chunks - 1) * self.chunk_size}; below "
                                  "that the released code selects masked future chunks")
-            if self.chunk_repr != "attn" or self.positions != "remap" or self.selection != "head":
+            if (self.chunk_repr != "attn" or self.positions != "remap" or self.selection != "head"
+                    or self.selector != "topk"):
                 raise ValueError("LongHeads(reference=True) reproduces the released code: use the default "
                                  "chunk_repr='attn', positions='remap', selection='head'")
         for name in ("union_chunks", "query_block"):
@@ -120,6 +126,10 @@ class LongHeads:
     @property
     def repr_fn(self):
         return CHUNK_REPRESENTATIONS[self.chunk_repr] if isinstance(self.chunk_repr, str) else self.chunk_repr
+
+    @property
+    def selector_fn(self) -> Callable:
+        return SELECTORS[self.selector] if isinstance(self.selector, str) else self.selector
 
     @property
     def position_fn(self) -> Callable:
@@ -302,7 +312,7 @@ class LongHeads:
             o_q = (start + jnp.arange(qb_size, dtype=jnp.int32)) % l
             scores = self._scores(qb, reps, H, K)
             cur_t = jnp.full(scores.shape[:-1], cur, jnp.int32)
-            sel, ok = select_chunks(scores, cur_t, N, True)  # BHtN
+            sel, ok = self.selector_fn(scores, cur_t, N, True)  # BHtN
             n_sel = jnp.sum(ok, axis=-1)  # BHt
             member = (sel[..., :, None] == jnp.arange(C)[None, :]) & ok[..., None]  # BHtNC
             M = jnp.any(member, axis=-2)  # BHtC
@@ -451,7 +461,7 @@ class LongHeads:
 
         def selective_branch():
             scores = self._scores(q_raw[:, :, None, :], reps, H, K)[:, :, 0]  # B H C
-            sel, ok = select_chunks(scores, jnp.broadcast_to(cur[:, None], (B, H)), N,
+            sel, ok = self.selector_fn(scores, jnp.broadcast_to(cur[:, None], (B, H)), N,
                                     jnp.broadcast_to(force_prev[:, None], (B, H)))  # B H N
             n_sel = jnp.sum(ok, -1)
             slot = jnp.arange(N)
@@ -482,3 +492,8 @@ class LongHeads:
                   "reps": own_rep, "q": q_loc.transpose(0, 2, 1, 3)}
         aux = {"selected": jnp.where(dense_row[:, None, None], -1, sel)} if self.record_selection else None
         return out, writes, aux
+
+
+def sliding_window(chunk_size: int = 256, num_chunks: int = 16, dense_length: int | None = None) -> LongHeads:
+    """Baseline with the same window: chunk 0 as a sink plus the most recent chunks (no retrieval)."""
+    return LongHeads(chunk_size=chunk_size, num_chunks=num_chunks, dense_length=dense_length, selector="recent")
