@@ -12,9 +12,9 @@ Implementation notes
   position s·l + o, so rotating the *query* by (its position − s·l) once per slot gives exactly
   the remapped dot products without re-rotating any key.
 - Prefill works on blocks of queries of one chunk. Per block and head, the chunks selected by
-  any of its queries form a union (at most `union_chunks`, else all chunks — exact either way);
-  the block attends to the union with a per-query mask and per-(query, chunk) rotation, so the
-  work is dense matmuls and never a [T, T] array.
+  any of its queries form a union; when it fits `union_chunks` the block attends to the union
+  with a per-query mask and per-(query, chunk) rotation (dense matmuls), otherwise every query
+  gathers its own chunks (cost linear in the window). Exact either way; never a [T, T] array.
 - The cache is indexed by token position (not slot), so left-padded rows keep chunk boundaries
   at their own positions.
 """
@@ -61,7 +61,8 @@ class LongHeads:
     selection: "head" (each query head selects) or "group" (one selection per kv head, scores
     summed over its query heads). selector: "topk" (the paper) | "recent" (chunk 0 + the most
     recent chunks: a sliding-window baseline) or a function like `chunks.select_chunks`. union_chunks: per-block chunk budget of the prefill kernel (a
-    speed knob; results do not depend on it). query_block: queries per prefill block.
+    speed knob; results do not depend on it). query_block: queries per prefill block; gather_block:
+    queries per step of the per-query gather path (memory knob).
     record_selection: also return the selected chunks as aux output (diagnostics).
     """
 
@@ -75,6 +76,7 @@ class LongHeads:
     selector: Any = "topk"
     union_chunks: int | None = None
     query_block: int | None = None
+    gather_block: int = 16
     record_selection: bool = False
 
     def __post_init__(self):
@@ -112,7 +114,7 @@ class LongHeads:
                     or self.selector != "topk"):
                 raise ValueError("LongHeads(reference=True) reproduces the released code: use the default "
                                  "chunk_repr='attn', positions='remap', selection='head'")
-        for name in ("union_chunks", "query_block"):
+        for name in ("union_chunks", "query_block", "gather_block"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v <= 0):
                 raise ValueError(f"LongHeads: {name} must be a positive integer or None, got {v!r}")
@@ -269,9 +271,9 @@ class LongHeads:
     def _selective_prefill(self, q, k_loc, v, reps, n_valid, seq_len, rope, Dn):
         """Selective attention for all query blocks from chunk Dn // l on; returns [B, T', H, D].
 
-        Blocks run in segments: a block whose own chunk is `cur` can only use chunks 0..cur, so a
-        segment of blocks with cur < U attends to a union of at most U chunks — exact with a
-        static U. Within a segment, a block whose union fits `union_chunks` takes a cheaper path.
+        Two exact paths per block of queries: attend to the union of the chunks its queries selected
+        (dense matmuls; used when the union fits `union_chunks`), or let every query gather its own
+        `num_chunks` chunks (cost linear in the window whatever the selections).
         """
         B, Tl, H, D = q.shape
         K = k_loc.shape[2]
@@ -358,25 +360,68 @@ class LongHeads:
                 o = jnp.einsum("BHUto,BHUoD->BHUtD", p.astype(v.dtype), Vu, preferred_element_type=jnp.float32)
                 return jnp.sum(o, axis=2) / den[..., None]
 
+            def attend_gathered():
+                """Each query gathers its own N chunks (cost linear in N·l whatever the union)."""
+                sub = min(qb_size, self.gather_block)
+                while qb_size % sub:
+                    sub -= 1
+                n_sub = qb_size // sub
+
+                def one(si):
+                    ts = si * sub
+                    sl = lambda x: jax.lax.dynamic_slice_in_dim(x, ts, sub, axis=2)
+                    sel_s, ok_s, nsel_s = sl(sel), sl(ok), jax.lax.dynamic_slice_in_dim(n_sel, ts, sub, axis=2)
+                    o_s = jax.lax.dynamic_slice_in_dim(o_q, ts, sub, axis=0)
+                    safe = jnp.minimum(sel_s, C - 1).reshape(B, H, sub * N)
+                    Ks = jnp.take_along_axis(k_h, safe[..., None, None], axis=2).reshape(B, H, sub, N, l, D)
+                    Vs = jnp.take_along_axis(v_h, safe[..., None, None], axis=2).reshape(B, H, sub, N, l, D)
+                    slot = jnp.arange(N, dtype=jnp.int32)
+                    dist = position_fn(slot[None, None, None], sel_s, cur, nsel_s[..., None], o_s[None, None, :, None], l)
+                    if builtin:
+                        j = jnp.clip((dist - o_s[None, None, :, None]) // l, 0, J - 1)  # BHtN
+                        ql = jax.lax.dynamic_slice_in_dim(q_loc, start + ts, sub, axis=2).astype(jnp.float32)
+                        q_j = (ql[:, :, :, None] * cos_j[:, None, None] + _rot_half(ql)[:, :, :, None] * sin_j[:, None, None])
+                        qr = jnp.take_along_axis(q_j, j[..., None], axis=3)  # BHtND
+                    else:
+                        dist = jnp.clip(dist, 0, max_dist - 1)
+                        b_ix = jnp.arange(B)[:, None, None, None]
+                        qs = jax.lax.dynamic_slice_in_dim(qb, ts, sub, axis=2).astype(jnp.float32)
+                        qr = _rotate_by(qs[:, :, :, None], cos_tab[b_ix, dist], sin_tab[b_ix, dist])
+                    sc = jnp.einsum("BHtND,BHtNoD->BHtNo", qr.astype(q.dtype), Ks, preferred_element_type=jnp.float32)
+                    own = (sel_s == cur)[..., None]
+                    if self.reference:
+                        causal = o_key[None, :] < o_s[:, None]
+                    else:
+                        causal = o_key[None, :] <= o_s[:, None]
+                    key_ok = (sel_s[..., None] * l + o_key) < n_valid[:, None, None, None, None]
+                    mask = ok_s[..., None] & (~own | causal[None, None, :, None, :]) & key_ok
+                    sc = jnp.where(mask, sc * scale, MASK_VALUE)
+                    sh = sc.shape
+                    pr = jax.nn.softmax(sc.reshape(sh[:3] + (-1,)), axis=-1).reshape(sh)
+                    return jnp.einsum("BHtNo,BHtNoD->BHtD", pr.astype(v.dtype), Vs, preferred_element_type=jnp.float32)
+
+                outs = jax.lax.map(one, jnp.arange(n_sub, dtype=jnp.int32))  # n_sub B H sub D
+                return outs.transpose(1, 2, 0, 3, 4).reshape(B, H, qb_size, D)
+
             small = min(U, self.union_chunks or 2 * N)
             if small >= U:
                 out = attend_union(U)
             else:
-                out = jax.lax.cond(jnp.max(count) <= small, lambda: attend_union(small), lambda: attend_union(U))
+                out = jax.lax.cond(jnp.max(count) <= small, lambda: attend_union(small), attend_gathered)
             return out.transpose(0, 2, 1, 3), sel  # BtHD, BHtN
 
-        # segments of blocks: own chunk < U, U doubling from 2N up to C
+        # Blocks whose own chunk is below the union budget can only use that many chunks: exact
+        # with the union path alone. The others take the union path when their union fits the
+        # budget, else each query gathers its own chunks.
+        budget = min(C, self.union_chunks or 2 * N)
         outs, sels = [], []
-        c0 = first_chunk
-        U = min(C, 2 * N)
-        while c0 < C:
-            U_seg = min(C, max(U, c0 + 1))
-            c1 = U_seg  # blocks with cur in [c0, c1) can only use chunks below c1 <= U_seg
+        for c0, c1, U in ((first_chunk, min(C, budget), budget), (max(first_chunk, budget), C, C)):
+            if c1 <= c0:
+                continue
             ids = jnp.arange(c0 * per_chunk, c1 * per_chunk, dtype=jnp.int32)
-            o, sl = jax.lax.map(lambda i, U_seg=U_seg: block(i, U_seg), ids)
+            o, sl = jax.lax.map(lambda i, U=U: block(i, U), ids)
             outs.append(o)
             sels.append(sl)
-            c0, U = c1, U_seg * 2
         out = jnp.concatenate(outs, axis=0)
         sel = jnp.concatenate(sels, axis=0)
         n_blocks = out.shape[0]
