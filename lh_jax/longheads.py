@@ -461,15 +461,22 @@ class LongHeads:
 
         # the own chunk's representation (final once the chunk is complete)
         reps = cache["reps"]
-        # (rebuilt every step; only the value at the chunk's last token is ever scored)
+        # (built on the step that completes the chunk; an unfinished chunk is never scored)
         if self.repr_fn.needs_queries:
             qbuf = jnp.where(at_o, q_loc[:, 0][:, :, None, :].astype(cache["qbuf"].dtype), cache["qbuf"])  # BHlD
             q_chunk = qbuf.transpose(0, 2, 1, 3)[:, None]  # B 1 l H D
         else:
             q_chunk = jnp.zeros((B, 1, l, H, D), q.dtype)
         valid_own = jnp.arange(l)[None, None, :] <= o_b[:, :, None]
-        own_rep = self.repr_fn.build(q_chunk, own_k.transpose(0, 2, 1, 3)[:, None],
+        complete = o == l - 1
+
+        def build_rep():
+            new = self.repr_fn.build(q_chunk, own_k.transpose(0, 2, 1, 3)[:, None],
                                      own_v.transpose(0, 2, 1, 3)[:, None], valid_own)  # B R 1 X
+            old = reps[bidx, :, cur][:, :, None]
+            return jnp.where(complete[:, None, None, None], new, old)
+
+        own_rep = jax.lax.cond(jnp.any(complete), build_rep, lambda: reps[bidx, :, cur][:, :, None])
         reps = jax.vmap(lambda r, n_, i: jax.lax.dynamic_update_slice_in_dim(r, n_, i, axis=1))(
             reps, own_rep, cur)
 
