@@ -52,9 +52,12 @@ def _ungroup(o_BKGTD):
     return o_BKGTD.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, D)
 
 
-def attend_stats(q_BKGTD, k_BKSD, v_BKSD, mask_BTS, scale):
-    """Masked softmax attention returning (out [B,K,G,T,D] f32 normalised, lse [B,K,G,T] f32)."""
-    s = jnp.einsum("BKGTD,BKSD->BKGTS", q_BKGTD, k_BKSD, preferred_element_type=jnp.float32) * scale
+def attend_stats(q_BKGTD, k_BKSD, v_BKSD, mask_BTS, scale, keys_transposed=False):
+    """Masked softmax attention returning (out [B,K,G,T,D] f32 normalised, lse [B,K,G,T] f32).
+
+    With `keys_transposed`, keys come as [B, K, D, S] (the decode cache layout)."""
+    eq = "BKGTD,BKDS->BKGTS" if keys_transposed else "BKGTD,BKSD->BKGTS"
+    s = jnp.einsum(eq, q_BKGTD, k_BKSD, preferred_element_type=jnp.float32) * scale
     s = jnp.where(mask_BTS[:, None, None], s, MASK_VALUE)
     m = jnp.max(s, axis=-1)
     p = jnp.exp(s - m[..., None])
@@ -158,10 +161,12 @@ def self_attention_stats(q_BKGTD, k_BKTD, v_BKTD, key_valid_BT, window=None, blo
     return flash_causal(q_BKGTD, k_BKTD, v_BKTD, key_valid_BT, window, block)
 
 
-def cached_attention_stats(q_BKGTD, k_BKCD, v_BKCD, ctx: AttentionContext, window=None, block=512):
-    """Attention of the new tokens over the slots already in the cache (slots < ctx.start)."""
+def cached_attention_stats(q_BKGTD, k_BKDC, v_BKCD, ctx: AttentionContext, window=None, block=512):
+    """Attention of the new tokens over the slots already in the cache (slots < ctx.start).
+
+    Keys are cached transposed, [B, K, D, C], so a decode step's q·kᵀ reads them in place."""
     B, K, G, T, D = q_BKGTD.shape
-    C = k_BKCD.shape[2]
+    C = k_BKDC.shape[3]
     slot = jnp.arange(C, dtype=jnp.int32)
     key_ok = (slot[None, :] >= ctx.pad[:, None]) & (slot[None, :] < ctx.start)  # [B, C]
 
@@ -169,7 +174,7 @@ def cached_attention_stats(q_BKGTD, k_BKCD, v_BKCD, ctx: AttentionContext, windo
         mask = jnp.broadcast_to(key_ok[:, None, :], (B, q_slot.shape[0], C))
         if window is not None:
             mask &= (q_slot[None, :, None] - slot[None, None, :]) < window
-        return attend_stats(q_b, k_BKCD, v_BKCD, mask, D ** -0.5)
+        return attend_stats(q_b, k_BKDC, v_BKCD, mask, D ** -0.5, keys_transposed=True)
 
     q_slot = ctx.start + jnp.arange(T, dtype=jnp.int32)
     if T <= block:
@@ -183,15 +188,20 @@ def cached_attention_stats(q_BKGTD, k_BKCD, v_BKCD, ctx: AttentionContext, windo
     return out, lse.transpose(1, 2, 3, 0, 4).reshape(B, K, G, n * block)[..., :T]
 
 
-def write_slots(cache_LBKCD, new_LBTKD, start):
-    """Write new entries [L, B, T, K, D] into a stacked cache [L, B, K, C, D] at slot `start`."""
+def write_slots(cache_LBKCD, new_LBTKD, start, transposed=False):
+    """Write new entries [L, B, T, K, D] into a stacked cache [L, B, K, C, D] (or, `transposed`,
+    [L, B, K, D, C]) at slot `start`."""
+    if transposed:
+        new = new_LBTKD.transpose(0, 1, 3, 4, 2).astype(cache_LBKCD.dtype)
+        return jax.lax.dynamic_update_slice_in_dim(cache_LBKCD, new, start, axis=4)
     new = new_LBTKD.transpose(0, 1, 3, 2, 4).astype(cache_LBKCD.dtype)
     return jax.lax.dynamic_update_slice_in_dim(cache_LBKCD, new, start, axis=3)
 
 
 @dataclasses.dataclass(frozen=True)
 class FullAttention:
-    """Ordinary causal attention at true positions (the model's own behaviour); keys cached rotated.
+    """Ordinary causal attention at true positions (the model's own behaviour); keys cached rotated,
+    transposed ([B, K, D, C]) so that decode reads them without a copy.
 
     Long prompts use a tiled, diagonal-skipping kernel; prompts of at most `dense_below` tokens,
     or every prompt with `differentiable=True`, use one dense masked softmax (reverse-mode
@@ -203,8 +213,8 @@ class FullAttention:
     differentiable: bool = False
 
     def init_cache(self, config: ModelConfig, batch: int, capacity: int, dtype) -> dict[str, Any]:
-        shape = (batch, config.num_kv_heads, capacity, config.head_dim)
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        K, D = config.num_kv_heads, config.head_dim
+        return {"k": jnp.zeros((batch, K, D, capacity), dtype), "v": jnp.zeros((batch, K, capacity, D), dtype)}
 
     def validate(self, config: ModelConfig) -> None:
         pass
@@ -232,5 +242,5 @@ class FullAttention:
         return _ungroup(out).astype(q.dtype), writes, None
 
     def write_cache(self, cache, writes, ctx: AttentionContext):
-        return {"k": write_slots(cache["k"], writes["k"], ctx.start),
+        return {"k": write_slots(cache["k"], writes["k"], ctx.start, transposed=True),
                 "v": write_slots(cache["v"], writes["v"], ctx.start)}
