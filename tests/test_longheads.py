@@ -43,7 +43,13 @@ VOCAB = 256
 EXACT = 1e-5  # "identical to full attention" in float32
 TOL = 1e-4  # two different computations of the same LongHeads result
 
-GOLDEN_DIR = os.environ.get("LH_GOLDEN_DIR", "/work/shared/golden/longheads_ref")
+# shared/ lies beside the checkout (developers and CI alike); LH_GOLDEN_DIR overrides
+_HERE = os.path.dirname(os.path.abspath(__file__))
+GOLDEN_DIR = os.environ.get("LH_GOLDEN_DIR") or next(
+    (d for d in (os.path.join(_HERE, "..", "..", "shared", "golden", "longheads_ref"),
+                 os.path.join(_HERE, "..", "shared", "golden", "longheads_ref"),
+                 "/work/shared/golden/longheads_ref") if os.path.isdir(d)),
+    os.path.join(_HERE, "..", "..", "shared", "golden", "longheads_ref"))
 
 
 # --- tiny models ---------------------------------------------------------------------------------
