@@ -61,7 +61,7 @@ class LongHeads:
     selection: "head" (each query head selects) or "group" (one selection per kv head, scores
     summed over its query heads). selector: "topk" (the paper) | "recent" (chunk 0 + the most
     recent chunks: a sliding-window baseline) or a function like `chunks.select_chunks`. union_chunks: per-block chunk budget of the prefill kernel (a
-    speed knob; results do not depend on it). query_block: queries per prefill block; gather_block:
+    speed knob, default 4·num_chunks; results do not depend on it). query_block: queries per prefill block; gather_block:
     queries per step of the per-query gather path (memory knob).
     record_selection: also return the selected chunks as aux output (diagnostics).
     """
@@ -403,7 +403,7 @@ class LongHeads:
                 outs = jax.lax.map(one, jnp.arange(n_sub, dtype=jnp.int32))  # n_sub B H sub D
                 return outs.transpose(1, 2, 0, 3, 4).reshape(B, H, qb_size, D)
 
-            small = min(U, self.union_chunks or 2 * N)
+            small = min(U, self.union_chunks or 4 * N)
             if small >= U:
                 out = attend_union(U)
             else:
@@ -413,7 +413,7 @@ class LongHeads:
         # Blocks whose own chunk is below the union budget can only use that many chunks: exact
         # with the union path alone. The others take the union path when their union fits the
         # budget, else each query gathers its own chunks.
-        budget = min(C, self.union_chunks or 2 * N)
+        budget = min(C, self.union_chunks or 4 * N)
         outs, sels = [], []
         for c0, c1, U in ((first_chunk, min(C, budget), budget), (max(first_chunk, budget), C, C)):
             if c1 <= c0:
