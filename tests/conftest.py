@@ -7,6 +7,8 @@ Every tiny model is a real transformers PyTorch model with weights re-initialise
 """
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import importlib.util
 import json
@@ -25,7 +27,10 @@ import transformers  # noqa: E402
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
+import jax  # noqa: E402
+
 import lh_jax  # noqa: E402
+from lh_jax import runtime  # noqa: E402
 
 # --- tiny model zoo -----------------------------------------------------------------------------
 
@@ -220,3 +225,25 @@ def real_model() -> RealModel:
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
     hf.generation_config.pad_token_id = 0
     return RealModel(path, config, params, tokenizer, hf)
+
+
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+@contextlib.contextmanager
+def nothing_compiles():
+    """Fail if any jitted entry point is traced or any XLA computation is compiled inside."""
+    compiled = []
+
+    def listener(event, duration, **kw):
+        if event == BACKEND_COMPILE_EVENT:
+            compiled.append(event)
+
+    traces = dict(runtime.TRACE_COUNTS)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield
+    finally:
+        jax._src.monitoring.unregister_event_duration_listener(listener)
+    assert dict(runtime.TRACE_COUNTS) == traces, "a jitted function was traced before the error"
+    assert not compiled, f"{len(compiled)} XLA compilation(s) before the error"

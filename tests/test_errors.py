@@ -1,7 +1,6 @@
 """Bad input: each case raises a clear exception naming the problem, before anything compiles."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 
@@ -15,32 +14,12 @@ from lh_jax import CacheCapacityError, runtime
 from lh_jax.convert import TensorShapeError, WeightFileError
 from lh_jax.models import ConfigError
 
-from conftest import VARIANTS, build_hf_model, copy_model_dir, edit_config, random_ids, save_hf_model
+from conftest import VARIANTS, build_hf_model, copy_model_dir, edit_config, nothing_compiles, random_ids, save_hf_model
 
-BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-
-
-@contextlib.contextmanager
-def nothing_compiles():
-    """Fail if any jitted entry point is traced or any XLA computation is compiled inside."""
-    compiled = []
-
-    def listener(event, duration, **kw):
-        if event == BACKEND_COMPILE_EVENT:
-            compiled.append(event)
-
-    traces = dict(runtime.TRACE_COUNTS)
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield
-    finally:
-        jax._src.monitoring.unregister_event_duration_listener(listener)
-    assert dict(runtime.TRACE_COUNTS) == traces, "a jitted function was traced before the error"
-    assert not compiled, f"{len(compiled)} XLA compilation(s) before the error"
 
 
 def test_compile_detector_detects_compilation(tiny):
-    """The guard above is not vacuous: a fresh shape does trace and compile."""
+    """The nothing_compiles guard (conftest) is not vacuous: a fresh shape does trace and compile."""
     m = tiny("llama_mha")
     with pytest.raises(AssertionError, match="traced|compilation"):
         with nothing_compiles():

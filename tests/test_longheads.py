@@ -35,6 +35,8 @@ import lh_jax
 from lh_jax import runtime
 from lh_jax.longheads import LongHeads
 
+from conftest import nothing_compiles
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -520,22 +522,6 @@ def test_group_selection_is_shared_within_kv_groups(gqa):
 
 # --- 10. bad settings -----------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def nothing_compiles():
-    compiled = []
-
-    def listener(event, duration, **kw):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiled.append(event)
-
-    traces = dict(runtime.TRACE_COUNTS)
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield
-    finally:
-        jax._src.monitoring.unregister_event_duration_listener(listener)
-    assert dict(runtime.TRACE_COUNTS) == traces, "a jitted function was traced before the error"
-    assert not compiled, f"{len(compiled)} XLA compilation(s) before the error"
 
 
 @pytest.mark.parametrize("kwargs,name", [
