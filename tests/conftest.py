@@ -247,3 +247,17 @@ def nothing_compiles():
         jax._src.monitoring.unregister_event_duration_listener(listener)
     assert dict(runtime.TRACE_COUNTS) == traces, "a jitted function was traced before the error"
     assert not compiled, f"{len(compiled)} XLA compilation(s) before the error"
+
+
+def run_on_virtual_devices(script: str, work_dir, timeout: int, n_devices: int = 4) -> str:
+    """Run `script` in a fresh Python with `n_devices` virtual CPU devices (the XLA flag must be set
+    before jax starts); it sees TESTS_DIR and WORK and must print "ALL OK". Returns its stdout."""
+    import subprocess
+    import sys
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    code = f"TESTS_DIR = {tests_dir!r}\nWORK = {str(work_dir)!r}\n" + script
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n_devices}", "JAX_PLATFORMS": "cpu"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+    assert res.returncode == 0, f"stdout:\n{res.stdout}\nstderr:\n{res.stderr[-6000:]}"
+    assert "ALL OK" in res.stdout
+    return res.stdout

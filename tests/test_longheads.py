@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -35,7 +33,7 @@ import lh_jax
 from lh_jax import runtime
 from lh_jax.longheads import LongHeads
 
-from conftest import nothing_compiles
+from conftest import nothing_compiles, run_on_virtual_devices
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 transformers.utils.logging.set_verbosity_error()
@@ -607,9 +605,4 @@ def test_sharded_longheads_equals_unsharded(gqa, tmp_path):
     case = batch_case(gqa)
     assert case["g_ids"].shape == (2, 150)
     np.savez(tmp_path / "want.npz", **{k: case[k] for k in ("ids", "mask", "logits", "g_ids", "g_mask", "generated")})
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    code = f"TESTS_DIR = {tests_dir!r}\nWORK = {str(tmp_path)!r}\n" + SHARD_SCRIPT
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=500, env=env)
-    assert res.returncode == 0, f"stdout:\n{res.stdout}\nstderr:\n{res.stderr[-6000:]}"
-    assert "ALL OK" in res.stdout
+    run_on_virtual_devices(SHARD_SCRIPT, tmp_path, timeout=500)

@@ -5,12 +5,11 @@ The device count is fixed when jax initialises, so the check runs in a subproces
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from conftest import run_on_virtual_devices
 
 SCRIPT = textwrap.dedent(r"""
     import os, sys
@@ -89,9 +88,4 @@ SCRIPT = textwrap.dedent(r"""
 
 @pytest.mark.slow
 def test_sharded_load_equals_unsharded(tmp_path):
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    code = f"TESTS_DIR = {tests_dir!r}\nWORK = {str(tmp_path)!r}\n" + SCRIPT
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=400, env=env)
-    assert res.returncode == 0, f"stdout:\n{res.stdout}\nstderr:\n{res.stderr[-6000:]}"
-    assert "ALL OK" in res.stdout
+    run_on_virtual_devices(SCRIPT, tmp_path, timeout=400)
