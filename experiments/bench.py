@@ -152,6 +152,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     p.add_argument("--no-torch", action="store_true", help="skip the transformers baseline")
     p.add_argument("--out", default=None, help="also write the rows as JSON here")
+    from lh_jax.cli import add_attention_arguments
+    add_attention_arguments(p)
+
+
+def cli_main(args) -> None:
+    from lh_jax.cli import attention_spec
+    args.attention_spec = attention_spec(args)
+    run(args)
 
 
 def run(args) -> list[dict]:
@@ -176,8 +184,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     add_arguments(p)
     p.add_argument("--worker", choices=["lh-jax", "transformers"], help=argparse.SUPPRESS)
-    p.add_argument("--attention-json", default="{}", help=argparse.SUPPRESS)
+    p.add_argument("--attention-json", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.attention_json is None:
+        cli_main(args)
+        return
     args.attention_spec = json.loads(args.attention_json)
     if args.worker:
         length = parse_lengths(args.lengths)[0]

@@ -105,7 +105,7 @@ def accuracy_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(args) -> None:
+def cli_main(args) -> None:
     import lh_jax
     from lh_jax.cli import attention_from_spec, attention_spec
     from lh_jax.experiments.bench import parse_lengths
@@ -135,3 +135,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", default="full,longheads", help="comma list of: full, longheads, longheads-ref, sliding")
     p.add_argument("--out", default=None, help="write all rows as JSON here")
+    from lh_jax.cli import add_attention_arguments
+    add_attention_arguments(p)

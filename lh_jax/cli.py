@@ -6,44 +6,25 @@ import sys
 import time
 
 
-ATTENTIONS = ("full", "longheads", "longheads-ref", "sliding")
+from lh_jax.methods import METHODS as ATTENTIONS, MethodSpec, add_method_arguments  # noqa: E402
 
 
 def add_attention_arguments(p: argparse.ArgumentParser, default: str = "full") -> None:
-    p.add_argument("--attention", default=default, choices=ATTENTIONS,
-                   help="full: the model's own attention; longheads: LongHeads (default mode); "
-                        "longheads-ref: the authors' released behaviour; sliding: chunk 0 + recent chunks")
-    p.add_argument("--chunk-size", type=int, default=256, help="LongHeads tokens per chunk")
-    p.add_argument("--num-chunks", type=int, default=16, help="LongHeads chunks attended per query")
-    p.add_argument("--dense-length", type=int, default=None, help="LongHeads dense prefix (default: window)")
-    p.add_argument("--chunk-repr", default="attn", choices=["attn", "mean", "bounds"])
-    p.add_argument("--positions", default="remap", choices=["remap", "original"])
-    p.add_argument("--selection", default="head", choices=["head", "group"])
+    add_method_arguments(p, multiple=False, default=default)
 
 
 def attention_spec(args) -> dict:
-    return {"name": args.attention, "chunk_size": args.chunk_size, "num_chunks": args.num_chunks,
-            "dense_length": args.dense_length, "chunk_repr": args.chunk_repr, "positions": args.positions,
-            "selection": args.selection}
+    """The method flags of `args` as a JSON-able dict (MethodSpec fields)."""
+    return MethodSpec(args.attention, args.chunk_size, args.num_chunks, args.dense_length, args.chunk_repr,
+                      args.positions, args.selection, args.rope_factor, args.rope_scaling).to_dict()
 
 
-def attention_from_spec(spec: dict):
-    """Build an attention function from a JSON-able spec (used by CLIs and benchmark workers)."""
-    from lh_jax.longheads import LongHeads
-    from lh_jax.models.attention import FullAttention
-    name = spec.get("name", "full")
-    if name == "full":
-        return FullAttention()
-    common = dict(chunk_size=spec.get("chunk_size", 256), num_chunks=spec.get("num_chunks", 16),
-                  dense_length=spec.get("dense_length"))
-    if name == "longheads":
-        return LongHeads(**common, chunk_repr=spec.get("chunk_repr", "attn"),
-                         positions=spec.get("positions", "remap"), selection=spec.get("selection", "head"))
-    if name == "longheads-ref":
-        return LongHeads(**common, reference=True)
-    if name == "sliding":
-        return LongHeads(**common, selector="recent")
-    raise ValueError(f"unknown attention {name!r}; choose one of {', '.join(ATTENTIONS)}")
+def attention_from_spec(spec: dict, config=None, length: int | None = None):
+    """The attention function of a spec dict (RoPE-scaling methods: see `method_from_spec`)."""
+    spec = dict(spec)
+    if "name" in spec:  # the older spelling
+        spec["method"] = spec.pop("name")
+    return MethodSpec.from_dict(spec).attention()
 
 
 def cmd_generate(args) -> None:
@@ -83,14 +64,21 @@ def cmd_convert(args) -> None:
           f"in {time.perf_counter() - t0:.1f}s")
 
 
-def cmd_bench(args) -> None:
-    from lh_jax.experiments import bench
-    args.attention_spec = attention_spec(args)
-    bench.run(args)
+#: subcommand -> (module, one-line help); experiment modules define add_arguments(p) and cli_main(args)
+EXPERIMENTS = {
+    "bench": ("lh_jax.experiments.bench", "prefill/decode benchmark against transformers"),
+    "passkey": ("lh_jax.experiments.passkey", "passkey retrieval accuracy per length and depth"),
+    "perplexity": ("lh_jax.experiments.perplexity", "perplexity by position bucket on a long text"),
+    "needle": ("lh_jax.experiments.needle", "RULER-style synthetic needle tasks"),
+    "compare": ("lh_jax.experiments.compare", "methods x tasks x lengths: one results table + plots"),
+    "train-toy": ("lh_jax.experiments.toy", "train a tiny LLaMA on associative recall, test length generalisation"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lh-jax", description="LongHeads in JAX: generate, convert, bench")
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; experiment subcommands are imported only when `command` names them."""
+    p = argparse.ArgumentParser(prog="lh-jax", description="LongHeads in JAX: generation, conversion, "
+                                "benchmarks and long-context evaluations")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="greedy generation from a prompt")
@@ -108,22 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     c.set_defaults(func=cmd_convert)
 
-    from lh_jax.experiments.bench import add_arguments
-    b = sub.add_parser("bench", help="prefill/decode benchmark against transformers")
-    add_arguments(b)
-    add_attention_arguments(b)
-    b.set_defaults(func=cmd_bench)
-
-    from lh_jax.experiments import passkey
-    k = sub.add_parser("passkey", help="passkey retrieval accuracy per length and depth")
-    passkey.add_arguments(k)
-    add_attention_arguments(k)
-    k.set_defaults(func=passkey.main)
+    import importlib
+    for name, (module, help_text) in EXPERIMENTS.items():
+        e = sub.add_parser(name, help=help_text)
+        if name == command:
+            mod = importlib.import_module(module)
+            mod.add_arguments(e)
+            e.set_defaults(func=mod.cli_main)
     return p
 
 
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     args.func(args)
 
 
