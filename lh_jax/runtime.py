@@ -20,7 +20,7 @@ from flax import struct
 
 from lh_jax.models.attention import AttentionContext, FullAttention
 from lh_jax.models.config import ModelConfig
-from lh_jax.models.llama import Transformer
+from lh_jax.models.llama import Transformer, lm_head_weight
 
 #: How many times each jitted entry point was traced (a test checks decode compiles once).
 TRACE_COUNTS: Counter = Counter()
@@ -111,6 +111,58 @@ def forward(params, config: ModelConfig, input_ids, attention=None, attention_ma
     mask = check_attention_mask(attention_mask, ids.shape)
     attention.validate(config)
     return _forward(params, jnp.asarray(ids), jnp.asarray(mask), config, attention, return_aux)
+
+
+#: Tokens per block of the LM head in `token_logprobs` ([B, block, V] float32 logits at a time).
+LOGPROB_BLOCK = 512
+
+
+@functools.partial(jax.jit, static_argnames=("config", "attention", "block"))
+def _token_logprobs(params, ids, mask, config, attention, block):
+    TRACE_COUNTS["token_logprobs"] += 1
+    model = Transformer(config, attention, params_dtype(params))
+    hidden, _, _ = model.apply({"params": params}, ids, _context(mask, 0), None, hidden_only=True)
+    w_EV = lm_head_weight(params, config).astype(hidden.dtype)
+    B, T, E = hidden.shape
+    n = T - 1
+    nb = -(-n // block)
+    # predictions from tokens 0..T-2 of targets 1..T-1, padded to whole blocks, block axis first
+    x = jnp.pad(hidden[:, :-1], ((0, 0), (0, nb * block - n), (0, 0)))
+    tgt = jnp.pad(ids[:, 1:], ((0, 0), (0, nb * block - n)))
+    x_NBbE = x.reshape(B, nb, block, E).transpose(1, 0, 2, 3)
+    tgt_NBb = tgt.reshape(B, nb, block).transpose(1, 0, 2)
+
+    def score(args):
+        x_BbE, tgt_Bb = args
+        logits = jnp.einsum("BTE,EV->BTV", x_BbE, w_EV, preferred_element_type=jnp.float32)
+        picked = jnp.take_along_axis(logits, tgt_Bb[..., None], axis=-1)[..., 0]
+        return picked - jax.nn.logsumexp(logits, axis=-1)
+
+    lp = jax.lax.map(score, (x_NBbE, tgt_NBb)).transpose(1, 0, 2).reshape(B, nb * block)[:, :n]
+    # a prediction made at a padding slot means nothing (left padding: mask[t] implies mask[t+1])
+    return jnp.where(mask[:, :-1], lp, 0.0)
+
+
+def token_logprobs(params, config: ModelConfig, input_ids, attention=None, attention_mask=None,
+                   block: int = LOGPROB_BLOCK):
+    """log p(ids[t+1] | ids[:t+1]) as float32 [B, T-1], without materialising [B, T, V] logits.
+
+    The model runs to its final hidden states; the LM head and log-softmax are applied `block`
+    tokens at a time (`lax.map`), so memory holds [B, block, V] logits, not [B, T, V]. Equal to
+    `log_softmax(forward(...))` at the next token. Entries predicted from left-padding slots
+    (`attention_mask` 0 at t) are 0.
+    """
+    attention = resolve_attention(attention)
+    ids = check_input_ids(input_ids, config)
+    mask = check_attention_mask(attention_mask, ids.shape)
+    if ids.shape[1] < 2:
+        raise ValueError(f"input_ids has {ids.shape[1]} token per row; scoring needs at least 2 "
+                         "(each score is of the next token)")
+    if not isinstance(block, (int, np.integer)) or block < 1:
+        raise ValueError(f"block must be a positive integer, got {block!r}")
+    attention.validate(config)
+    block = int(min(block, ids.shape[1] - 1))
+    return _token_logprobs(params, jnp.asarray(ids), jnp.asarray(mask), config, attention, block)
 
 
 def init_cache(config: ModelConfig, batch: int, capacity: int, attention=None, dtype=jnp.float32) -> KVCache:

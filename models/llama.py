@@ -65,14 +65,19 @@ class DecoderLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    """ids [B, T] -> logits [B, T', V] float32 (T' = T, or 1 with `last_only`), new cache, aux."""
+    """ids [B, T] -> logits [B, T', V] float32 (T' = T, or 1 with `last_only`), new cache, aux.
+
+    With `hidden_only` the first output is the final-normed hidden state [B, T', E] instead of the
+    logits (the caller applies the LM head, e.g. in blocks of tokens; see `lm_head_weight`).
+    """
 
     config: ModelConfig
     attention: Any
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, ids_BT, ctx: AttentionContext, cache=None, last_only: bool = False):
+    def __call__(self, ids_BT, ctx: AttentionContext, cache=None, last_only: bool = False,
+                 hidden_only: bool = False):
         cfg = self.config
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
                          embedding_init=nn.initializers.normal(0.02), name="embed")
@@ -85,6 +90,8 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="final_norm")(x)
+        if hidden_only:
+            return x, cache, aux
         if cfg.tie_word_embeddings:
             w_EV = embed.embedding.T
         else:
@@ -92,6 +99,11 @@ class Transformer(nn.Module):
                               (cfg.hidden_size, cfg.vocab_size), self.dtype)
         logits = jnp.einsum("BTE,EV->BTV", x, w_EV.astype(x.dtype), preferred_element_type=jnp.float32)
         return logits, cache, aux
+
+
+def lm_head_weight(params, config: ModelConfig):
+    """The LM head as [E, V] (the transposed embedding when tied), in the params' dtype."""
+    return params["embed"]["embedding"].T if config.tie_word_embeddings else params["lm_head"]
 
 
 def param_shapes(config: ModelConfig, dtype=jnp.float32) -> dict:
