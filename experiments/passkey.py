@@ -1,16 +1,25 @@
 """Passkey retrieval: the prompt of the LongHeads / landmark-attention repositories, greedy decoding.
 
-A task description, the filler "The grass is green. ..." repeated, the needle "The pass key is N.
-Remember it. N is the pass key." at a chosen depth, then "What is the pass key? The pass key is".
-Exact match of the 5-digit key in the continuation.
+A task description, the filler "The grass is green. ..." repeated (or a custom haystack text), the
+needle "The pass key is N. Remember it. N is the pass key." at a chosen depth, then "What is the
+pass key? The pass key is". Exact match of the 5-digit key as the first number of the continuation.
+
+    lh-jax passkey --lengths 4k,16k --depths 0.1,0.5,0.9 --trials 2 --methods full,longheads \
+        --chunk-size 64 --num-chunks 16 --dense-length 1024 --out runs/passkey
+
+The key of a cell depends only on (seed, length, depth, trial), so every method sees the very same
+prompts. Trials of one length run as one left-padded batch (`--batch-size`); answers do not depend
+on the batch size. Finished cells are kept in OUT/cells.jsonl and skipped by a rerun. Writes
+passkey.json (metadata + rows), passkey.csv, passkey.md (accuracy tables) and passkey.png (heatmaps).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import hashlib
 import os
 import re
+import sys
 import time
 
 import numpy as np
@@ -35,14 +44,37 @@ def _ntok(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+_HAYSTACK_IDS: dict[tuple[int, str], list[int]] = {}
+
+
+def _haystack_ids(tokenizer, haystack: str) -> list[int]:
+    """Token ids of a haystack text, tokenized once per (tokenizer, text)."""
+    k = (id(tokenizer), hashlib.sha1(haystack.encode()).hexdigest())
+    if k not in _HAYSTACK_IDS:
+        _HAYSTACK_IDS[k] = tokenizer(haystack, add_special_tokens=False)["input_ids"]
+    return _HAYSTACK_IDS[k]
+
+
+def check_needle(needle: str) -> None:
+    """A needle template must contain `{key}` and no other replacement field."""
+    if "{key}" not in needle:
+        raise ValueError(f"--needle must contain '{{key}}' where the pass key goes, got {needle!r}")
+    try:
+        needle.format(key="12345")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"--needle {needle!r} is not a valid template (only '{{key}}' may appear in braces; "
+                         f"write '{{{{' for a literal brace): {e}") from None
+
+
 def build_prompt(tokenizer, n_tokens: int, depth: float, key: str | int, haystack: str | None = None,
-                 needle: str = NEEDLE) -> PasskeyPrompt:
+                 needle: str = NEEDLE, question: str = QUESTION) -> PasskeyPrompt:
     """A prompt of about `n_tokens` tokens with the needle after `depth` (0..1) of the haystack."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
+    check_needle(needle)
     key = str(key)
     needle_text = needle.format(key=key)
-    head, tail = TASK + "\n", "\n" + QUESTION
+    head, tail = TASK + "\n", "\n" + question
     budget = n_tokens - _ntok(tokenizer, head + needle_text + tail) - 2
     if budget <= 0:
         raise ValueError(f"n_tokens={n_tokens} is too short for the task text")
@@ -52,9 +84,10 @@ def build_prompt(tokenizer, n_tokens: int, depth: float, key: str | int, haystac
         before = int(round(reps * depth))
         pre, post = (unit * before).strip(), (unit * (reps - before)).strip()
     else:
-        ids = tokenizer(haystack, add_special_tokens=False)["input_ids"]
+        ids = _haystack_ids(tokenizer, haystack)
         if len(ids) < budget:
-            raise ValueError(f"haystack has {len(ids)} tokens, fewer than the {budget} needed")
+            raise ValueError(f"haystack has {len(ids)} tokens, fewer than the {budget} needed for a "
+                             f"{n_tokens}-token prompt")
         cut = int(round(budget * depth))
         pre, post = tokenizer.decode(ids[:cut]), tokenizer.decode(ids[cut:budget])
     prefix = head + pre + "\n"
@@ -69,71 +102,301 @@ def answer_matches(text: str, key: str) -> bool:
     return bool(found) and found[0] == key
 
 
-def run_trials(params, config, tokenizer, attention, lengths, depths, trials: int, seed: int = 0,
-               max_new_tokens: int = 8, progress: bool = True) -> list[dict]:
-    """Greedy passkey trials; returns one row per (length, depth, trial)."""
+def passkey_for(seed: int, length: int, depth: float, trial: int) -> str:
+    """The 5-digit key of a cell: a function of (seed, length, depth, trial) only, not of the method."""
+    rng = np.random.default_rng([int(seed), int(length), int(round(depth * 1_000_000)), int(trial)])
+    return str(int(rng.integers(10000, 100000)))
+
+
+def prompt_digest(ids) -> str:
+    return hashlib.sha1(np.asarray(ids, np.int32).tobytes()).hexdigest()[:16]
+
+
+# --- argument checks (all before the model is loaded) -------------------------------------------
+
+def parse_depths(text: str) -> list[float]:
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            d = float(part)
+        except ValueError:
+            raise ValueError(f"--depths must list numbers in [0, 1] like 0.1,0.5,0.9; got {part!r}") from None
+        if not 0.0 <= d <= 1.0:
+            raise ValueError(f"--depths: depth {d:g} is outside [0, 1] (0 = start of the haystack, 1 = end)")
+        if d not in out:
+            out.append(d)
+    if not out:
+        raise ValueError(f"--depths must list numbers in [0, 1]; got {text!r}")
+    return out
+
+
+@dataclasses.dataclass
+class Setup:
+    lengths: list[int]
+    depths: list[float]
+    specs: list  # MethodSpec
+    haystack: str | None
+    haystack_id: str  # name:sha1 of the haystack text, part of every cell key
+    haystack_path: str | None
+    needle: str
+    question: str
+
+
+def check_args(args) -> Setup:
+    """Validate every flag that does not need the model; clear errors naming the flag."""
+    from lh_jax.experiments.bench import parse_lengths
+    from lh_jax.methods import specs_from_args
+    try:
+        lengths = parse_lengths(args.lengths)
+    except ValueError as e:
+        raise ValueError(f"--lengths must list positive token counts like 4k,16k; got {args.lengths!r} ({e})") \
+            from None
+    lengths = list(dict.fromkeys(lengths))
+    depths = parse_depths(args.depths)
+    for flag, value in (("--trials", args.trials), ("--max-new-tokens", args.max_new_tokens),
+                        ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value}")
+    specs, labels = [], set()
+    for spec in specs_from_args(args):  # unknown method names raise here
+        if spec.label not in labels:
+            specs.append(spec)
+            labels.add(spec.label)
+    check_needle(args.needle)
+    if not args.question.strip():
+        raise ValueError("--question must not be empty")
+    if args.haystack is None:
+        haystack, haystack_id = None, "filler:" + hashlib.sha1(FILLER.encode()).hexdigest()[:12]
+    else:
+        if not os.path.isfile(args.haystack):
+            raise FileNotFoundError(f"--haystack file {args.haystack} does not exist")
+        with open(args.haystack, encoding="utf-8") as f:
+            haystack = f.read()
+        if not haystack.strip():
+            raise ValueError(f"--haystack file {args.haystack} is empty")
+        haystack_id = f"{os.path.basename(args.haystack)}:{hashlib.sha1(haystack.encode()).hexdigest()[:12]}"
+    return Setup(lengths, depths, specs, haystack, haystack_id, args.haystack, args.needle, args.question)
+
+
+def build_prompts(tokenizer, setup: Setup, trials: int, seed: int) -> dict[tuple, PasskeyPrompt]:
+    """Every prompt of the grid, keyed by (length, depth, trial); errors name the flag at fault."""
+    prompts = {}
+    for n in setup.lengths:
+        for d in setup.depths:
+            for t in range(trials):
+                try:
+                    prompts[n, d, t] = build_prompt(tokenizer, n, d, passkey_for(seed, n, d, t), setup.haystack,
+                                                    setup.needle, setup.question)
+                except ValueError as e:
+                    flag = (f"--haystack {setup.haystack_path}" if str(e).startswith("haystack")
+                            else f"--lengths {n}")
+                    raise ValueError(f"{flag}: {e}") from None
+    return prompts
+
+
+# --- running --------------------------------------------------------------------------------------
+
+def _eos_set(config) -> set:
+    eos = config.eos_token_id
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, (tuple, list)) else {eos}
+
+
+def generate_batch(params, config, attention, prompts: list[PasskeyPrompt], max_new_tokens: int):
+    """Left-padded batch through `lh_jax.generate`; returns the new token ids of each row (cut at EOS)."""
     import lh_jax
-    from tqdm.auto import tqdm
-    rng = np.random.default_rng(seed)
-    cells = [(n, d, t) for n in lengths for d in depths for t in range(trials)]
-    rows = []
-    for n, d, t in tqdm(cells, desc="passkey", disable=not progress):
-        key = str(int(rng.integers(10000, 100000)))
-        pr = build_prompt(tokenizer, n, d, key)
-        t0 = time.perf_counter()
-        out = np.asarray(lh_jax.generate(params, config, pr.ids[None], max_new_tokens, attention=attention))
-        text = tokenizer.decode(out[0, len(pr.ids):].tolist(), skip_special_tokens=True)
-        rows.append({"length": n, "tokens": int(len(pr.ids)), "depth": d, "trial": t, "key": key,
-                     "answer": text, "correct": answer_matches(text, key),
-                     "seconds": time.perf_counter() - t0})
+    T = max(len(p.ids) for p in prompts)
+    ids = np.zeros((len(prompts), T), np.int32)
+    mask = np.zeros((len(prompts), T), bool)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p.ids):] = p.ids
+        mask[i, T - len(p.ids):] = True
+    out = np.asarray(lh_jax.generate(params, config, ids, max_new_tokens, attention=attention,
+                                     attention_mask=mask))
+    eos, rows = _eos_set(config), []
+    for i in range(len(prompts)):
+        new = out[i, T:].tolist()
+        for j, tok in enumerate(new):
+            if tok in eos:
+                new = new[:j]
+                break
+        rows.append(new)
     return rows
 
 
-def accuracy_table(rows: list[dict]) -> str:
+def cell_key(args, spec, n: int, d: float, t: int, setup: Setup) -> dict:
+    model = args.model if args.model == "default" or not os.path.exists(args.model) else os.path.abspath(args.model)
+    return {"task": "passkey", "model": model, "dtype": args.dtype, "method": spec.to_dict(), "length": n,
+            "depth": d, "trial": t, "seed": args.seed, "needle": setup.needle, "question": setup.question,
+            "haystack": setup.haystack_id, "max_new_tokens": args.max_new_tokens}
+
+
+def run(args, setup: Setup, store, tokenizer, prompts: dict | None = None) -> list[dict]:
+    """All cells of the grid (finished ones come from `store`); returns the rows in grid order."""
+    from lh_jax.experiments.common import load_model, progress
+    if prompts is None:
+        prompts = build_prompts(tokenizer, setup, args.trials, args.seed)
+    keys, todo = [], []  # todo: (length, spec, [(depth, trial, key)])
+    for n in setup.lengths:
+        for spec in setup.specs:
+            pending = []
+            for d in setup.depths:
+                for t in range(args.trials):
+                    k = cell_key(args, spec, n, d, t, setup)
+                    keys.append(k)
+                    if k not in store:
+                        pending.append((d, t, k))
+            if pending:
+                todo.append((n, spec, pending))
+    n_todo = sum(len(p) for _, _, p in todo)
+    n_done = len(keys) - n_todo
+    if n_done:
+        print(f"[passkey] {n_done} of {len(keys)} cells already in {store.path}; running {n_todo}", file=sys.stderr)
+    if n_todo:
+        config, params, _ = load_model(args)
+        bar = progress(None, total=n_todo, desc="passkey")
+        try:
+            for n, spec, pending in todo:
+                config_n, attention = spec.build(config, n)
+                for b in range(0, len(pending), args.batch_size):
+                    batch = pending[b:b + args.batch_size]
+                    ps = [prompts[n, d, t] for d, t, _ in batch]
+                    bar.set_postfix_str(f"{spec.label} @ {n}")
+                    t0 = time.perf_counter()
+                    new = generate_batch(params, config_n, attention, ps, args.max_new_tokens)
+                    seconds = (time.perf_counter() - t0) / len(batch)
+                    for (d, t, k), p, toks in zip(batch, ps, new):
+                        text = tokenizer.decode(toks, skip_special_tokens=True)
+                        store.add(k, {"label": spec.label, "tokens": int(len(p.ids)), "key": p.key,
+                                      "needle_start": int(p.needle_start), "prompt_sha1": prompt_digest(p.ids),
+                                      "answer": text, "answer_ids": [int(x) for x in toks],
+                                      "correct": answer_matches(text, p.key), "seconds": round(seconds, 4),
+                                      "batch": len(batch)})
+                    bar.update(len(batch))
+        finally:
+            bar.close()
+    return store.rows(keys)
+
+
+# --- tables and plots -----------------------------------------------------------------------------
+
+def _fmt_length(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def accuracy_grid(rows: list[dict]):
+    """(lengths, depths, correct[L, D], total[L, D]) of one method's rows."""
     lengths = sorted({r["length"] for r in rows})
     depths = sorted({r["depth"] for r in rows})
+    ok = np.zeros((len(lengths), len(depths)), int)
+    tot = np.zeros_like(ok)
+    for r in rows:
+        i, j = lengths.index(r["length"]), depths.index(r["depth"])
+        tot[i, j] += 1
+        ok[i, j] += bool(r["correct"])
+    return lengths, depths, ok, tot
+
+
+def accuracy_table(rows: list[dict]) -> str:
+    """A length x depth table of correct/total with an `all` column (one method's rows)."""
+    lengths, depths, ok, tot = accuracy_grid(rows)
     lines = ["| length \\ depth | " + " | ".join(f"{d:g}" for d in depths) + " | all |",
              "|---" * (len(depths) + 2) + "|"]
-    for n in lengths:
-        cells = []
-        for d in depths:
-            rs = [r for r in rows if r["length"] == n and r["depth"] == d]
-            cells.append(f"{sum(r['correct'] for r in rs)}/{len(rs)}")
-        rs = [r for r in rows if r["length"] == n]
-        cells.append(f"{sum(r['correct'] for r in rs)}/{len(rs)}")
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    for i, n in enumerate(lengths):
+        cells = [f"{ok[i, j]}/{tot[i, j]}" for j in range(len(depths))]
+        cells.append(f"{ok[i].sum()}/{tot[i].sum()} ({ok[i].sum() / max(1, tot[i].sum()):.0%})")
+        lines.append(f"| {_fmt_length(n)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def cli_main(args) -> None:
+def by_method(rows: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(r["label"], []).append(r)
+    return out
+
+
+def tables(rows: list[dict]) -> str:
+    parts = []
+    for label, rs in by_method(rows).items():
+        acc = sum(r["correct"] for r in rs) / len(rs)
+        parts.append(f"### {label} (accuracy {acc:.0%}, {len(rs)} prompts)\n\n" + accuracy_table(rs))
+    return "\n\n".join(parts)
+
+
+def heatmap(rows: list[dict], path: str, title: str = "") -> None:
+    """One length x depth accuracy heatmap per method, annotated with the accuracy of each cell."""
+    from lh_jax.experiments.common import matplotlib_pyplot
+    plt = matplotlib_pyplot()
+    groups = by_method(rows)
+    fig, axes = plt.subplots(1, len(groups), figsize=(1.2 + 0.9 * max(3, len({r['depth'] for r in rows}))
+                                                       * len(groups), 1.4 + 0.55 * len({r['length'] for r in rows})),
+                             squeeze=False, constrained_layout=True)
+    im = None
+    for ax, (label, rs) in zip(axes[0], groups.items()):
+        lengths, depths, ok, tot = accuracy_grid(rs)
+        acc = np.where(tot > 0, ok / np.maximum(tot, 1), np.nan)
+        im = ax.imshow(acc, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+        for i in range(len(lengths)):
+            for j in range(len(depths)):
+                if tot[i, j]:
+                    ax.text(j, i, f"{acc[i, j]:.2f}\n{ok[i, j]}/{tot[i, j]}", ha="center", va="center",
+                            fontsize=8, color="black")
+        ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
+        ax.set_yticks(range(len(lengths)), [_fmt_length(n) for n in lengths])
+        ax.set_xlabel("needle depth")
+        ax.set_ylabel("prompt length")
+        ax.set_title(label, fontsize=9)
+    if im is not None:
+        fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label="accuracy")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --- command ----------------------------------------------------------------------------------------
+
+def cli_main(args) -> dict:
+    from lh_jax.experiments.common import ResultStore, run_metadata, write_outputs
+    setup = check_args(args)
     import lh_jax
-    from lh_jax.cli import attention_from_spec, attention_spec
-    from lh_jax.experiments.bench import parse_lengths
-    config, params = lh_jax.load(args.model)
     tokenizer = lh_jax.load_tokenizer(args.model)
-    lengths = parse_lengths(args.lengths)
-    depths = [float(x) for x in args.depths.split(",")]
-    results = {}
-    for method in args.methods.split(","):
-        args.attention = method
-        spec = attention_spec(args)
-        rows = run_trials(params, config, tokenizer, attention_from_spec(spec), lengths, depths, args.trials,
-                          args.seed)
-        results[method] = {"spec": spec, "rows": rows}
-        print(f"\n## {method} {spec}\n" + accuracy_table(rows))
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
+    prompts = build_prompts(tokenizer, setup, args.trials, args.seed)  # too short: fails before loading
+    store = ResultStore(args.out, resume=not args.no_resume)
+    rows = run(args, setup, store, tokenizer, prompts)
+    table = tables(rows)
+    meta = run_metadata(args, task="passkey", methods=[s.to_dict() for s in setup.specs],
+                        labels=[s.label for s in setup.specs], lengths=setup.lengths, depths=setup.depths,
+                        haystack=setup.haystack_id, needle=setup.needle, question=setup.question, task_text=TASK)
+    paths = write_outputs(args.out, "passkey", meta, rows, table)
+    paths["png"] = os.path.join(args.out, "passkey.png")
+    heatmap(rows, paths["png"], title=f"passkey retrieval ({os.path.basename(str(args.model))})")
+    print(table)
+    print(f"[passkey] wrote {', '.join(paths[k] for k in ('json', 'csv', 'md', 'png'))}", file=sys.stderr)
+    return paths
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default")
-    p.add_argument("--lengths", default="4k")
-    p.add_argument("--depths", default="0.2,0.5,0.8")
-    p.add_argument("--trials", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--methods", default="full,longheads", help="comma list of: full, longheads, longheads-ref, sliding")
-    p.add_argument("--out", default=None, help="write all rows as JSON here")
-    from lh_jax.cli import add_attention_arguments
-    add_attention_arguments(p)
+    from lh_jax.experiments.common import add_common_arguments
+    from lh_jax.methods import add_method_arguments
+    add_common_arguments(p, "passkey")
+    add_method_arguments(p, multiple=True, default="full,longheads")
+    p.add_argument("--lengths", default="4k,8k,16k,32k", help="prompt lengths in tokens, e.g. 4k,16k")
+    p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9",
+                   help="needle depths in [0, 1] (fraction of the haystack before the needle)")
+    p.add_argument("--trials", type=int, default=1, help="prompts (different keys) per length and depth")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="tokens generated for the answer")
+    p.add_argument("--haystack", default=None, metavar="FILE",
+                   help="a text file used as the haystack instead of the repeated filler sentences")
+    p.add_argument("--needle", default=NEEDLE, help="needle template; must contain {key}")
+    p.add_argument("--question", default=QUESTION, help="the text after the haystack that asks for the key")
+
+
+if __name__ == "__main__":
+    from lh_jax.cli import main
+    main(["passkey"] + sys.argv[1:])
