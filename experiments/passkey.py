@@ -11,6 +11,8 @@ The key of a cell depends only on (seed, length, depth, trial), so every method 
 prompts. Trials of one length run as one left-padded batch (`--batch-size`); answers do not depend
 on the batch size. Finished cells are kept in OUT/cells.jsonl and skipped by a rerun. Writes
 passkey.json (metadata + rows), passkey.csv, passkey.md (accuracy tables) and passkey.png (heatmaps).
+A row's `seconds` is its share of its batch's `generate` call; the first batch of each
+(method, length) includes compilation.
 """
 from __future__ import annotations
 
