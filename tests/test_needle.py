@@ -153,7 +153,7 @@ def test_bad_params(tok, bad, match):
 @settings(max_examples=30, deadline=None)
 @given(task=st.sampled_from(N.TASKS), seed=st.integers(0, 2 ** 32 - 1), params=params_strategy)
 def test_scoring(tok, task, seed, params):
-    t = N.make_task(tok, task, 400, N.task_rng(seed, task, 400, 0), params)
+    t = N.make_task(tok, task, 900, N.task_rng(seed, task, 900, 0), params)
     answers = t.answers
     k = len(answers)
     assert N.score(" " + ", ".join(answers) + ".", answers) == (1.0, 1)
