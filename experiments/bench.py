@@ -35,21 +35,29 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
-def _prompt(vocab: int, length: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(3, min(vocab, 40000), size=(1, length), dtype=np.int32)
+def _prompt(model: str, vocab: int, length: int, text: str = "hamlet", seed: int = 0) -> np.ndarray:
+    """[1, length] ids: Hamlet (repeated when too short) tokenized with the model's tokenizer, or random ids."""
+    if text == "random":
+        return np.random.default_rng(seed).integers(3, min(vocab, 40000), size=(1, length), dtype=np.int32)
+    import lh_jax
+    from lh_jax.experiments.texts import hamlet_text
+    ids = lh_jax.load_tokenizer(model)(hamlet_text(), add_special_tokens=False)["input_ids"]
+    ids = (ids * (-(-length // len(ids))))[:length]
+    return np.asarray(ids, np.int32)[None]
 
 
-def worker_jax(model: str, length: int, repeats: int, decode_steps: int, attention_spec: dict) -> dict:
+def worker_jax(model: str, length: int, repeats: int, decode_steps: int, attention_spec: dict,
+               text: str = "hamlet") -> dict:
     import jax
     import jax.numpy as jnp
 
     import lh_jax
     from lh_jax import runtime
-    from lh_jax.cli import attention_from_spec
+    from lh_jax.methods import MethodSpec
 
     config, params = lh_jax.load(model, progress=False)
-    attention = runtime.resolve_attention(attention_from_spec(attention_spec))
-    ids = _prompt(config.vocab_size, length)
+    config, attention = MethodSpec.from_dict(attention_spec).build(config, length)
+    ids = _prompt(model, config.vocab_size, length, text)
     capacity = length + decode_steps + 2
 
     def run_prefill():
@@ -83,7 +91,8 @@ def worker_jax(model: str, length: int, repeats: int, decode_steps: int, attenti
             "peak_rss_gib": _peak_rss_gib(), "backend": jax.default_backend()}
 
 
-def worker_torch(model: str, length: int, repeats: int, decode_steps: int, threads: int) -> dict:
+def worker_torch(model: str, length: int, repeats: int, decode_steps: int, threads: int,
+                 text: str = "hamlet") -> dict:
     import torch
     import transformers
 
@@ -97,7 +106,7 @@ def worker_torch(model: str, length: int, repeats: int, decode_steps: int, threa
     else:
         m = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     m.eval()
-    ids = torch.from_numpy(_prompt(m.config.vocab_size, length).astype(np.int64))
+    ids = torch.from_numpy(_prompt(model, m.config.vocab_size, length, text).astype(np.int64))
     times = []
     with torch.inference_mode():
         for i in range(repeats + 1):
@@ -119,27 +128,34 @@ def worker_torch(model: str, length: int, repeats: int, decode_steps: int, threa
             "compile_s": 0.0, "peak_rss_gib": _peak_rss_gib(), "backend": "torch-cpu"}
 
 
-def _run_cell(args, impl: str, length: int) -> dict:
+def _label(spec: dict) -> str:
+    from lh_jax.methods import MethodSpec
+    return MethodSpec.from_dict(spec).label
+
+
+def _run_cell(args, impl: str, length: int, spec: dict) -> dict:
     cmd = [sys.executable, "-m", "lh_jax.experiments.bench", "--worker", impl, "--lengths", str(length),
            "--model", args.model, "--repeats", str(args.repeats), "--decode-steps", str(args.decode_steps),
-           "--threads", str(args.threads), "--attention-json", json.dumps(args.attention_spec)]
+           "--threads", str(args.threads), "--attention-json", json.dumps(spec), "--text", args.text]
     env = dict(os.environ)
     env.setdefault("PYTHONWARNINGS", "ignore")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    label = "full" if impl == "transformers" else _label(spec)
     if proc.returncode != 0:
-        return {"impl": impl, "length": length, "error": proc.stderr.strip().splitlines()[-1:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        return {"impl": impl, "attention": label, "length": length, "error": proc.stderr.strip().splitlines()[-1:]}
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "attention": label}
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ("| impl | tokens | prefill s | tokens/s | decode ms/token | compile s | peak RSS GiB |\n"
-            "|---|---:|---:|---:|---:|---:|---:|")
+    head = ("| impl | attention | tokens | prefill s | tokens/s | decode ms/token | compile s | peak RSS GiB |\n"
+            "|---|---|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for r in rows:
+        att = r.get("attention", "full")
         if "error" in r:
-            lines.append(f"| {r['impl']} | {r['length']} | error: {r['error']} | | | | |")
+            lines.append(f"| {r['impl']} | {att} | {r['length']} | error: {r['error']} | | | | |")
             continue
-        lines.append(f"| {r['impl']} | {r['length']} | {r['prefill_s']:.2f} | {r['tokens_per_s']:.0f} | "
+        lines.append(f"| {r['impl']} | {att} | {r['length']} | {r['prefill_s']:.2f} | {r['tokens_per_s']:.0f} | "
                      f"{r['decode_ms']:.1f} | {r['compile_s']:.1f} | {r['peak_rss_gib']:.2f} |")
     return "\n".join(lines)
 
@@ -151,6 +167,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-steps", type=int, default=16, help="timed decode steps per cell (median)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     p.add_argument("--no-torch", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--windows", default=None,
+                   help="window methods only: comma list of CHUNKxNUM (e.g. 128x16,256x16), one row each; "
+                        "lh-jax full attention runs alongside unless --no-full")
+    p.add_argument("--no-full", action="store_true", help="with a window method: skip lh-jax full attention")
+    p.add_argument("--text", default="hamlet", choices=["hamlet", "random"],
+                   help="prompt tokens: Hamlet (repeated past its end) or random ids")
     p.add_argument("--out", default=None, help="also write the rows as JSON here")
     from lh_jax.cli import add_attention_arguments
     add_attention_arguments(p)
@@ -165,13 +187,29 @@ def cli_main(args) -> None:
 def run(args) -> list[dict]:
     from tqdm.auto import tqdm
     lengths = parse_lengths(args.lengths)
-    impls = ["lh-jax"] + ([] if args.no_torch else ["transformers"])
+    base = dict(args.attention_spec)
+    cells = []
+    if base.get("method", "full") in ("sliding", "longheads", "longheads-ref"):
+        windows = args.windows.split(",") if args.windows else [f"{base['chunk_size']}x{base['num_chunks']}"]
+        for w in windows:
+            try:
+                c, n = (int(x) for x in w.lower().split("x"))
+            except ValueError:
+                raise SystemExit(f"--windows: expected CHUNKxNUM like 128x16, got {w!r}")
+            cells.append(("lh-jax", {**base, "chunk_size": c, "num_chunks": n}))
+        if not args.no_full:
+            cells.append(("lh-jax", {"method": "full"}))
+    else:
+        cells.append(("lh-jax", base))
+    if not args.no_torch:
+        cells.append(("transformers", {"method": "full"}))
     rows = []
     for length in tqdm(lengths, desc="bench lengths"):
-        for impl in impls:
-            rows.append(_run_cell(args, impl, length))
+        for impl, spec in cells:
+            rows.append(_run_cell(args, impl, length, spec))
     header = (f"# lh-jax bench — {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-              f"{datetime.date.today()}, model {args.model}, attention {args.attention_spec}")
+              f"{datetime.date.today()}, model {args.model}, prompt {args.text}, median of {args.repeats} prefills "
+              f"and {args.decode_steps} decode steps")
     print(header)
     print(format_table(rows))
     if args.out:
@@ -193,9 +231,9 @@ def main(argv=None):
     if args.worker:
         length = parse_lengths(args.lengths)[0]
         if args.worker == "lh-jax":
-            res = worker_jax(args.model, length, args.repeats, args.decode_steps, args.attention_spec)
+            res = worker_jax(args.model, length, args.repeats, args.decode_steps, args.attention_spec, args.text)
         else:
-            res = worker_torch(args.model, length, args.repeats, args.decode_steps, args.threads)
+            res = worker_torch(args.model, length, args.repeats, args.decode_steps, args.threads, args.text)
         print(json.dumps(res))
         return
     run(args)

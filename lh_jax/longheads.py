@@ -12,9 +12,9 @@ Implementation notes
   position s·l + o, so rotating the *query* by (its position − s·l) once per slot gives exactly
   the remapped dot products without re-rotating any key.
 - Prefill works on blocks of queries of one chunk. Per block and head, the chunks selected by
-  any of its queries form a union; when it fits `union_chunks` the block attends to the union
-  with a per-query mask and per-(query, chunk) rotation (dense matmuls), otherwise every query
-  gathers its own chunks (cost linear in the window). Exact either way; never a [T, T] array.
+  any of its queries form a union; the block walks it a few chunks at a time (online softmax,
+  per-query mask, per-(query, chunk) rotation), skipping tiles past the largest union, so the
+  cost follows how coherent the selections are and never reaches a [T, T] array. Exact.
 - The cache is indexed by token position (not slot), so left-padded rows keep chunk boundaries
   at their own positions.
 """
@@ -60,9 +60,9 @@ class LongHeads:
     "bounds" or an object with build/score/width. positions: "remap" | "original" or a function.
     selection: "head" (each query head selects) or "group" (one selection per kv head, scores
     summed over its query heads). selector: "topk" (the paper) | "recent" (chunk 0 + the most
-    recent chunks: a sliding-window baseline) or a function like `chunks.select_chunks`. union_chunks: per-block chunk budget of the prefill kernel (a
-    speed knob, default 4·num_chunks; results do not depend on it). query_block: queries per prefill block; gather_block:
-    queries per step of the per-query gather path (memory knob).
+    recent chunks: a sliding-window baseline) or a function like `chunks.select_chunks`.
+    tile_chunks: chunks per step when a prefill block walks the union of its selected chunks, and
+    query_block: queries per prefill block (speed knobs; results do not depend on them).
     record_selection: also return the selected chunks as aux output (diagnostics).
     """
 
@@ -74,9 +74,8 @@ class LongHeads:
     positions: Any = "remap"
     selection: str = "head"
     selector: Any = "topk"
-    union_chunks: int | None = None
+    tile_chunks: int = 8
     query_block: int | None = None
-    gather_block: int = 16
     record_selection: bool = False
 
     def __post_init__(self):
@@ -114,7 +113,7 @@ class LongHeads:
                     or self.selector != "topk"):
                 raise ValueError("LongHeads(reference=True) reproduces the released code: use the default "
                                  "chunk_repr='attn', positions='remap', selection='head'")
-        for name in ("union_chunks", "query_block", "gather_block"):
+        for name in ("tile_chunks", "query_block"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v <= 0):
                 raise ValueError(f"LongHeads: {name} must be a positive integer or None, got {v!r}")
@@ -271,9 +270,11 @@ class LongHeads:
     def _selective_prefill(self, q, k_loc, v, reps, n_valid, seq_len, rope, Dn):
         """Selective attention for all query blocks from chunk Dn // l on; returns [B, T', H, D].
 
-        Two exact paths per block of queries: attend to the union of the chunks its queries selected
-        (dense matmuls; used when the union fits `union_chunks`), or let every query gather its own
-        `num_chunks` chunks (cost linear in the window whatever the selections).
+        Per block of queries and head, the chunks selected by any of its queries form a union
+        (sorted ascending). The block walks that union `tile_chunks` chunks at a time with an online
+        softmax; each (query, chunk) logit uses the query rotated for the chunk's slot and is masked
+        unless the query selected the chunk. Tiles past the largest union of the block are skipped,
+        so the cost follows the actual union (never the whole context) and the result is exact.
         """
         B, Tl, H, D = q.shape
         K = k_loc.shape[2]
@@ -288,11 +289,14 @@ class LongHeads:
         position_fn = self.position_fn
         builtin = self.positions in ("remap", "original")
         scale = D ** -0.5
-        # per query head views of the keys/values by chunk: BHClD
-        k_h = jnp.repeat(k_loc.reshape(B, C, l, K, D).transpose(0, 3, 1, 2, 4), G, axis=1)
-        v_h = jnp.repeat(v.reshape(B, C, l, K, D).transpose(0, 3, 1, 2, 4), G, axis=1)
+        u = max(1, min(self.tile_chunks, C))
+        n_tiles_max = -(-C // u)
+        # keys / values by chunk, per kv head: BKClD
+        k_c = k_loc.reshape(B, C, l, K, D).transpose(0, 3, 1, 2, 4)
+        v_c = v.reshape(B, C, l, K, D).transpose(0, 3, 1, 2, 4)
         q_raw = q.transpose(0, 2, 1, 3)  # BHTD
         o_key = jnp.arange(l, dtype=jnp.int32)
+        c_ids = jnp.arange(C, dtype=jnp.int32)
         _, rope_scale = rope.static_inv_freq()
         if builtin:
             # distance = j·l + o_t: rotate the in-chunk-rotated query by j·l (j < J) — a table
@@ -306,124 +310,77 @@ class LongHeads:
             max_dist = Tl + N * l
             dpos = jnp.broadcast_to(jnp.arange(max_dist, dtype=jnp.int32), (B, max_dist))
             cos_tab, sin_tab = rope.cos_sin(dpos, seq_len)
+        own_key = 0 if self.reference else 1  # the released code leaves out the query's own key
 
-        def block(i, U):
+        def gather_chunks(x_BKClD, ids_BHu):
+            """x[b, h // G, ids[b, h, i]] -> BHulD, read from the kv heads without repeating them."""
+            idx = ids_BHu.reshape(B, K, G * u)[..., None, None]
+            out = jnp.take_along_axis(x_BKClD, idx, axis=2)  # B K (G u) l D
+            return out.reshape(B, H, u, l, D)
+
+        def block(i):
             start = i * qb_size
             cur = start // l
             qb = jax.lax.dynamic_slice_in_dim(q_raw, start, qb_size, axis=2)  # BHtD
-            o_q = (start + jnp.arange(qb_size, dtype=jnp.int32)) % l
+            q_pos = start + jnp.arange(qb_size, dtype=jnp.int32)
+            o_q = q_pos % l
             scores = self._scores(qb, reps, H, K)
             cur_t = jnp.full(scores.shape[:-1], cur, jnp.int32)
             sel, ok = self.selector_fn(scores, cur_t, N, True)  # BHtN
             n_sel = jnp.sum(ok, axis=-1)  # BHt
-            member = (sel[..., :, None] == jnp.arange(C)[None, :]) & ok[..., None]  # BHtNC
-            M = jnp.any(member, axis=-2)  # BHtC
-            rank = jnp.cumsum(M, axis=-1) - 1
+            M = jnp.any((sel[..., :, None] == c_ids) & ok[..., None], axis=-2)  # BHtC: query t selected chunk c
+            rank = jnp.cumsum(M, axis=-1, dtype=jnp.int32) - 1  # slot of chunk c among t's selection
             used = jnp.any(M, axis=2)  # BHC
-            count = jnp.sum(used, axis=-1)
+            count = jnp.sum(used, axis=-1)  # BH
+            # the union, ascending, padded to whole tiles (padding repeats chunk 0, masked out)
+            order = jnp.argsort(jnp.where(used, c_ids, C + c_ids), axis=-1).astype(jnp.int32)
+            order = jnp.pad(order, ((0, 0), (0, 0), (0, n_tiles_max * u - C)))
+            n_tiles = (jnp.max(count) + u - 1) // u
+            if builtin:
+                ql = jax.lax.dynamic_slice_in_dim(q_loc, start, qb_size, axis=2).astype(jnp.float32)
+                q_j = (ql[:, :, None] * cos_j[:, None, :, None] +
+                       _rot_half(ql)[:, :, None] * sin_j[:, None, :, None]).astype(q.dtype)  # BHJtD
 
-            def attend_union(Uc):
-                keyed = jnp.where(used, C - jnp.arange(C), 0)
-                _, uidx = jax.lax.top_k(keyed, Uc)  # the selected chunks first, ascending
-                u_ok = jnp.take_along_axis(used, uidx, axis=-1)  # BHU
-                Ku = jnp.take_along_axis(k_h, uidx[..., None, None], axis=2)  # BHUlD
-                Vu = jnp.take_along_axis(v_h, uidx[..., None, None], axis=2)
-                gidx = jnp.broadcast_to(uidx[:, :, None, :], M.shape[:3] + (Uc,))
-                m_tu = jnp.take_along_axis(M, gidx, axis=-1) & u_ok[:, :, None, :]  # BHtU
-                s_tu = jnp.take_along_axis(rank, gidx, axis=-1)
-                dist = position_fn(s_tu, uidx[:, :, None, :], cur, n_sel[..., None], o_q[None, None, :, None], l)
-                # layout BHUtD: one small matmul per (head, chunk), batch axes leading
+            def tile(j, carry):
+                mx, den, acc = carry
+                ids = jax.lax.dynamic_slice_in_dim(order, j * u, u, axis=2)  # BHu
+                u_ok = (j * u + jnp.arange(u)) < count[..., None]  # BHu
+                Ku, Vu = gather_chunks(k_c, ids), gather_chunks(v_c, ids)  # BHulD
+                gi = jnp.broadcast_to(ids[:, :, None, :], (B, H, qb_size, u))
+                m_tu = jnp.take_along_axis(M, gi, axis=-1) & u_ok[:, :, None, :]  # BHtu
+                slot = jnp.take_along_axis(rank, gi, axis=-1)
+                dist = position_fn(slot, ids[:, :, None, :], cur, n_sel[..., None], o_q[None, None, :, None], l)
                 if builtin:
-                    j = jnp.clip((dist - o_q[None, None, :, None]) // l, 0, J - 1).transpose(0, 1, 3, 2)  # BHUt
-                    ql = jax.lax.dynamic_slice_in_dim(q_loc, start, qb_size, axis=2).astype(jnp.float32)
-                    q_j = (ql[:, :, None] * cos_j[:, None, :, None] +
-                           _rot_half(ql)[:, :, None] * sin_j[:, None, :, None])  # BHJtD
-                    qr = jnp.take_along_axis(q_j, j[..., None], axis=2)  # BHUtD
+                    jj = jnp.clip((dist - o_q[None, None, :, None]) // l, 0, J - 1).transpose(0, 1, 3, 2)  # BHut
+                    qr = jnp.take_along_axis(q_j, jj[..., None], axis=2)  # BHutD
                 else:
-                    dist = jnp.clip(dist, 0, max_dist - 1).transpose(0, 1, 3, 2)  # BHUt
+                    dist = jnp.clip(dist, 0, max_dist - 1).transpose(0, 1, 3, 2)  # BHut
                     b_ix = jnp.arange(B)[:, None, None, None]
-                    qr = _rotate_by(qb.astype(jnp.float32)[:, :, None, :, :], cos_tab[b_ix, dist], sin_tab[b_ix, dist])
-                s = jnp.einsum("BHUtD,BHUoD->BHUto", qr.astype(q.dtype), Ku, preferred_element_type=jnp.float32)
-                own = (uidx == cur)[:, :, :, None, None]
-                if self.reference:
-                    causal = o_key[None, :] < o_q[:, None]
-                else:
-                    causal = o_key[None, :] <= o_q[:, None]
-                key_pos = uidx[..., None] * l + o_key  # BHUo
-                key_ok = key_pos < n_valid[:, None, None, None]
-                mask = (m_tu.transpose(0, 1, 3, 2)[..., None] & (~own | causal[None, None, None])
-                        & key_ok[:, :, :, None, :])
+                    qr = _rotate_by(qb.astype(jnp.float32)[:, :, None, :, :], cos_tab[b_ix, dist],
+                                    sin_tab[b_ix, dist]).astype(q.dtype)
+                s = jnp.einsum("BHutD,BHuoD->BHuto", qr, Ku, preferred_element_type=jnp.float32)
+                key_pos = ids[..., None] * l + o_key  # BHuo
+                mask = (m_tu.transpose(0, 1, 3, 2)[..., None]
+                        & (key_pos[:, :, :, None, :] < (q_pos + own_key)[:, None]))  # BHuto
                 s = jnp.where(mask, s * scale, MASK_VALUE)
-                mx = jnp.max(s, axis=(2, 4))  # BHt
-                p = jnp.exp(s - mx[:, :, None, :, None])
-                den = jnp.sum(p, axis=(2, 4))
-                o = jnp.einsum("BHUto,BHUoD->BHUtD", p.astype(v.dtype), Vu, preferred_element_type=jnp.float32)
-                return jnp.sum(o, axis=2) / den[..., None]
+                new_mx = jnp.maximum(mx, jnp.max(s, axis=(2, 4)))  # BHt
+                p = jnp.where(mask, jnp.exp(s - new_mx[:, :, None, :, None]), 0.0)
+                corr = jnp.exp(mx - new_mx)
+                den = den * corr + jnp.sum(p, axis=(2, 4))
+                pv = jnp.einsum("BHuto,BHuoD->BHtD", p.astype(v.dtype), Vu, preferred_element_type=jnp.float32)
+                return new_mx, den, acc * corr[..., None] + pv
 
-            def attend_gathered():
-                """Each query gathers its own N chunks (cost linear in N·l whatever the union)."""
-                sub = min(qb_size, self.gather_block)
-                while qb_size % sub:
-                    sub -= 1
-                n_sub = qb_size // sub
+            def maybe_tile(j, carry):
+                return jax.lax.cond(j < n_tiles, lambda c: tile(j, c), lambda c: c, carry)
 
-                def one(si):
-                    ts = si * sub
-                    sl = lambda x: jax.lax.dynamic_slice_in_dim(x, ts, sub, axis=2)
-                    sel_s, ok_s, nsel_s = sl(sel), sl(ok), jax.lax.dynamic_slice_in_dim(n_sel, ts, sub, axis=2)
-                    o_s = jax.lax.dynamic_slice_in_dim(o_q, ts, sub, axis=0)
-                    safe = jnp.minimum(sel_s, C - 1).reshape(B, H, sub * N)
-                    Ks = jnp.take_along_axis(k_h, safe[..., None, None], axis=2).reshape(B, H, sub, N, l, D)
-                    Vs = jnp.take_along_axis(v_h, safe[..., None, None], axis=2).reshape(B, H, sub, N, l, D)
-                    slot = jnp.arange(N, dtype=jnp.int32)
-                    dist = position_fn(slot[None, None, None], sel_s, cur, nsel_s[..., None], o_s[None, None, :, None], l)
-                    if builtin:
-                        j = jnp.clip((dist - o_s[None, None, :, None]) // l, 0, J - 1)  # BHtN
-                        ql = jax.lax.dynamic_slice_in_dim(q_loc, start + ts, sub, axis=2).astype(jnp.float32)
-                        q_j = (ql[:, :, :, None] * cos_j[:, None, None] + _rot_half(ql)[:, :, :, None] * sin_j[:, None, None])
-                        qr = jnp.take_along_axis(q_j, j[..., None], axis=3)  # BHtND
-                    else:
-                        dist = jnp.clip(dist, 0, max_dist - 1)
-                        b_ix = jnp.arange(B)[:, None, None, None]
-                        qs = jax.lax.dynamic_slice_in_dim(qb, ts, sub, axis=2).astype(jnp.float32)
-                        qr = _rotate_by(qs[:, :, :, None], cos_tab[b_ix, dist], sin_tab[b_ix, dist])
-                    sc = jnp.einsum("BHtND,BHtNoD->BHtNo", qr.astype(q.dtype), Ks, preferred_element_type=jnp.float32)
-                    own = (sel_s == cur)[..., None]
-                    if self.reference:
-                        causal = o_key[None, :] < o_s[:, None]
-                    else:
-                        causal = o_key[None, :] <= o_s[:, None]
-                    key_ok = (sel_s[..., None] * l + o_key) < n_valid[:, None, None, None, None]
-                    mask = ok_s[..., None] & (~own | causal[None, None, :, None, :]) & key_ok
-                    sc = jnp.where(mask, sc * scale, MASK_VALUE)
-                    sh = sc.shape
-                    pr = jax.nn.softmax(sc.reshape(sh[:3] + (-1,)), axis=-1).reshape(sh)
-                    return jnp.einsum("BHtNo,BHtNoD->BHtD", pr.astype(v.dtype), Vs, preferred_element_type=jnp.float32)
-
-                outs = jax.lax.map(one, jnp.arange(n_sub, dtype=jnp.int32))  # n_sub B H sub D
-                return outs.transpose(1, 2, 0, 3, 4).reshape(B, H, qb_size, D)
-
-            small = min(U, self.union_chunks or 4 * N)
-            if small >= U:
-                out = attend_union(U)
-            else:
-                out = jax.lax.cond(jnp.max(count) <= small, lambda: attend_union(small), attend_gathered)
+            init = (jnp.full((B, H, qb_size), MASK_VALUE, jnp.float32), jnp.zeros((B, H, qb_size), jnp.float32),
+                    jnp.zeros((B, H, qb_size, D), jnp.float32))
+            _, den, acc = jax.lax.fori_loop(0, n_tiles_max, maybe_tile, init)
+            out = acc / den[..., None]
             return out.transpose(0, 2, 1, 3), sel  # BtHD, BHtN
 
-        # Blocks whose own chunk is below the union budget can only use that many chunks: exact
-        # with the union path alone. The others take the union path when their union fits the
-        # budget, else each query gathers its own chunks.
-        budget = min(C, self.union_chunks or 4 * N)
-        outs, sels = [], []
-        for c0, c1, U in ((first_chunk, min(C, budget), budget), (max(first_chunk, budget), C, C)):
-            if c1 <= c0:
-                continue
-            ids = jnp.arange(c0 * per_chunk, c1 * per_chunk, dtype=jnp.int32)
-            o, sl = jax.lax.map(lambda i, U=U: block(i, U), ids)
-            outs.append(o)
-            sels.append(sl)
-        out = jnp.concatenate(outs, axis=0)
-        sel = jnp.concatenate(sels, axis=0)
+        ids = jnp.arange(first_chunk * per_chunk, C * per_chunk, dtype=jnp.int32)
+        out, sel = jax.lax.map(block, ids)
         n_blocks = out.shape[0]
         out = out.transpose(1, 0, 2, 3, 4).reshape(B, n_blocks * qb_size, H, D)
         sel = sel.transpose(1, 2, 0, 3, 4).reshape(B, H, n_blocks * qb_size, N)

@@ -226,11 +226,12 @@ def test_fewer_chunks_is_not_full_attention(gqa):
 
 
 @pytest.mark.parametrize("attention", [
-    lh(union_chunks=1, query_block=8),  # every block past the budget takes the per-query gather path
-    lh(union_chunks=64),  # every block attends to the union of its chunks
-], ids=["gather-qb8", "union"])
+    lh(tile_chunks=1, query_block=8),  # one chunk per tile, blocks of 8 queries
+    lh(tile_chunks=64),  # the whole union in one tile
+    lh(tile_chunks=3, query_block=16),  # tiles that do not divide the number of chunks
+], ids=["tile1-qb8", "tile64", "tile3-qb16"])
 def test_prefill_speed_knobs_do_not_change_results(gqa, attention):
-    """union_chunks / query_block choose between the prefill kernel's code paths; the selections
+    """tile_chunks / query_block change how the prefill kernel walks each block's union; the selections
     are identical and the logits equal to float rounding."""
     base_logits, base_sel = run_forward(gqa, LH)
     logits, sel = run_forward(gqa, attention)
@@ -414,7 +415,7 @@ def test_gradient_causality(gqa):
 
 def test_generation_compiles_decode_once(gqa):
     counts = runtime.TRACE_COUNTS
-    attention = lh(union_chunks=7)  # used by no other test, so the first call must compile
+    attention = lh(tile_chunks=7)  # used by no other test, so the first call must compile
     prompt = IDS[:, :236]
     d0, g0 = counts["decode_step"], counts["generate"]
     first = np.asarray(lh_jax.generate(gqa.params, gqa.config, prompt, 64, attention=attention))
@@ -422,7 +423,7 @@ def test_generation_compiles_decode_once(gqa):
     second = np.asarray(lh_jax.generate(gqa.params, gqa.config, prompt[:, 1:], 60, attention=attention))
     assert (counts["decode_step"], counts["generate"]) == (d0 + 1, g0 + 1)  # same buckets
     assert second.shape == (1, 295)
-    # greedy tokens are the argmax of forward() (union_chunks, a speed knob, changes nothing)
+    # greedy tokens are the argmax of forward() (tile_chunks, a speed knob, changes nothing)
     logits = fwd(gqa, first, LH)[0, 235:299]
     picked = logits[np.arange(64), first[0, 236:]]
     assert np.all(picked >= logits.max(-1) - TOL)
