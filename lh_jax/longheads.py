@@ -61,8 +61,10 @@ class LongHeads:
     selection: "head" (each query head selects) or "group" (one selection per kv head, scores
     summed over its query heads). selector: "topk" (the paper) | "recent" (chunk 0 + the most
     recent chunks: a sliding-window baseline) or a function like `chunks.select_chunks`.
-    tile_chunks: chunks per step when a prefill block walks the union of its selected chunks, and
-    query_block: queries per prefill block (speed knobs; results do not depend on them).
+    kernel: the selective-prefill kernel (speed knob; results do not depend on it): "dispatch"
+    (chunk-major: each selected (query, chunk) pair computed once, in tiles of `tile_rows` queries
+    sharing a chunk) or "union" (per block of `query_block` queries, walk the union of their
+    chunks `tile_chunks` at a time).
     record_selection: also return the selected chunks as aux output (diagnostics).
     """
 
@@ -74,6 +76,8 @@ class LongHeads:
     positions: Any = "remap"
     selection: str = "head"
     selector: Any = "topk"
+    kernel: str = "dispatch"
+    tile_rows: int = 512
     tile_chunks: int = 8
     query_block: int | None = None
     record_selection: bool = False
@@ -113,7 +117,9 @@ class LongHeads:
                     or self.selector != "topk"):
                 raise ValueError("LongHeads(reference=True) reproduces the released code: use the default "
                                  "chunk_repr='attn', positions='remap', selection='head'")
-        for name in ("tile_chunks", "query_block"):
+        if self.kernel not in ("dispatch", "union"):
+            raise ValueError(f"LongHeads: unknown kernel {self.kernel!r}; choose 'dispatch' or 'union'")
+        for name in ("tile_rows", "tile_chunks", "query_block"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v <= 0):
                 raise ValueError(f"LongHeads: {name} must be a positive integer or None, got {v!r}")
@@ -238,7 +244,8 @@ class LongHeads:
 
         aux = None
         if Dn < Tl:
-            sel_out, sel_idx = self._selective_prefill(q, k_loc, v, reps, n_valid, seq_len, rope, Dn)
+            kernel = self._dispatch_prefill if self.kernel == "dispatch" else self._selective_prefill
+            sel_out, sel_idx = kernel(q, k_loc, v, reps, n_valid, seq_len, rope, Dn)
             if Dn > 0:
                 first = (Dn // l) * l  # the selective blocks start at a chunk boundary
                 sel_out = sel_out[:, Dn - first:]
@@ -266,6 +273,150 @@ class LongHeads:
             s = jnp.broadcast_to(s.reshape(B, K, H // K, t, C).sum(2, keepdims=True), (B, K, H // K, t, C))
             s = s.reshape(B, H, t, C)
         return s
+
+    def _rotation_tables(self, q, rope, seq_len, Tl):
+        """(base queries BHTD, cos/sin tables B R D, index fn): the query of (t, chunk) at distance
+        `dist` from the chunk start is base[t] rotated by table[index(dist, o_t)]."""
+        B, _, H, D = q.shape
+        l, N = self.chunk_size, self.num_chunks
+        _, rope_scale = rope.static_inv_freq()
+        if self.positions in ("remap", "original"):
+            # distance = j·l + o_t: rotate the in-chunk-rotated query by j·l — a table of J rows
+            J = N if self.positions == "remap" else Tl // l
+            jl = jnp.broadcast_to(jnp.arange(J, dtype=jnp.int32) * l, (B, J))
+            cos_j, sin_j = rope.cos_sin(jl, seq_len)  # B J D
+            offs = jnp.broadcast_to(jnp.arange(Tl, dtype=jnp.int32) % l, (B, Tl))
+            base = rotate(q, *rope.cos_sin(offs, seq_len)).transpose(0, 2, 1, 3)  # BHTD
+            # the scale is already in the in-chunk rotation
+            return base, cos_j / rope_scale, sin_j / rope_scale, lambda dist, o: jnp.clip((dist - o) // l, 0, J - 1)
+        max_dist = Tl + N * l
+        dpos = jnp.broadcast_to(jnp.arange(max_dist, dtype=jnp.int32), (B, max_dist))
+        cos_t, sin_t = rope.cos_sin(dpos, seq_len)
+        return q.transpose(0, 2, 1, 3), cos_t, sin_t, lambda dist, o: jnp.clip(dist, 0, max_dist - 1)
+
+    def _dispatch_prefill(self, q, k_loc, v, reps, n_valid, seq_len, rope, Dn):
+        """Selective attention, chunk-major: every selected (query, chunk) pair is computed once.
+
+        Pass 1 selects chunks for every query (blocks of one chunk of queries). The (head, query)
+        pairs of each kv head are then grouped by chunk with a counting sort (destinations from
+        per-block counts; no global sort) into tiles of `tile_rows` rows that share one chunk —
+        rows from all query heads of the kv group, so tiles are tall and the matmuls large.
+        Pass 2 walks the tiles: one [rows x chunk_size] logit block per kv head and tile, merged
+        into each (head, query)'s running softmax. Cost ~ T·num_chunks·chunk_size whatever the
+        selections (plus at most one partial tile per chunk). Exact.
+        """
+        B, Tl, H, D = q.shape
+        K = k_loc.shape[2]
+        G = H // K
+        l, N = self.chunk_size, self.num_chunks
+        C = Tl // l
+        c0 = Dn // l
+        S0 = c0 * l
+        nb = C - c0  # query blocks (one chunk each)
+        Tq = nb * l  # selective queries, positions S0..Tl-1
+        Tq1 = Tq + 1  # one sink row per head for padding rows
+        R = max(1, min(self.tile_rows, G * Tq))
+        scale = D ** -0.5
+        own_key = 0 if self.reference else 1
+        c_ids = jnp.arange(C, dtype=jnp.int32)
+        q_raw = q.transpose(0, 2, 1, 3)  # BHTD
+        base, cos_tab, sin_tab, table_index = self._rotation_tables(q, rope, seq_len, Tl)
+
+        # pass 1: selections, per-block chunk counts, rank of each query among its block's queries
+        def select_block(i):
+            qb = jax.lax.dynamic_slice_in_dim(q_raw, i * l, l, axis=2)  # BHtD
+            scores = self._scores(qb, reps, H, K)
+            sel, ok = self.selector_fn(scores, jnp.full(scores.shape[:-1], i, jnp.int32), N, True)  # BHtN
+            M = jnp.any((sel[..., :, None] == c_ids) & ok[..., None], axis=-2)  # BHtC
+            before = jnp.cumsum(M, axis=2, dtype=jnp.int32) - M  # queries of the block before t with c
+            within = jnp.take_along_axis(before, jnp.minimum(sel, C - 1), axis=-1)  # BHtN
+            return sel, ok, within, jnp.sum(M, axis=2, dtype=jnp.int32)
+
+        sel, ok, within, cnt = jax.lax.map(select_block, jnp.arange(c0, C, dtype=jnp.int32))
+        flat = lambda x: x.transpose(1, 2, 0, 3, 4).reshape(B, H, Tq, N)  # nb B H l N -> B H Tq N
+        sel, ok, within = flat(sel), flat(ok), flat(within)
+        # order of the pairs of (kv head, chunk): block, then query head, then query
+        cnt = cnt.reshape(nb, B, K, G, C)
+        g_off = jnp.cumsum(cnt, axis=3) - cnt  # pairs of earlier heads of the group, same block
+        blk = jnp.sum(cnt, axis=3)  # nb B K C
+        blk_off = jnp.cumsum(blk, axis=0) - blk  # pairs in earlier blocks
+        off = (blk_off[:, :, :, None] + g_off).transpose(1, 2, 3, 0, 4).reshape(B, H, nb * C)
+        total = jnp.sum(blk, axis=0)  # B K C
+        tiles_c = (total + R - 1) // R
+        tile_end = jnp.cumsum(tiles_c, axis=-1)  # B K C
+        tile_off = jnp.repeat(tile_end - tiles_c, G, axis=1)  # B H C
+        n_tiles = jnp.max(tile_end[..., -1])
+        nT = -(-G * Tq * N // R) + C  # static bound on tiles per kv head
+
+        t_idx = jnp.arange(Tq, dtype=jnp.int32)
+        safe = jnp.minimum(sel, C - 1).reshape(B, H, Tq * N)
+        flat_idx = (t_idx // l)[:, None] * C + jnp.minimum(sel, C - 1)  # B H Tq N
+        rank = (jnp.take_along_axis(off, flat_idx.reshape(B, H, Tq * N), axis=-1).reshape(B, H, Tq, N)
+                + within)
+        dest = jnp.take_along_axis(tile_off, safe, axis=-1).reshape(B, H, Tq, N) * R + rank
+        n_sel = jnp.sum(ok, axis=-1)  # B H Tq
+        q_pos = S0 + t_idx
+        o_q = q_pos % l
+        slot = jnp.arange(N, dtype=jnp.int32)
+        dist = self.position_fn(slot, sel, (q_pos // l)[:, None], n_sel[..., None], o_q[:, None], l)
+        rot = table_index(dist, o_q[:, None])  # B H Tq N
+        # scatter the rows: per kv head a list of nT·R (head-in-group, query) rows, chunk-major
+        size = B * K * nT * R
+        bk = (jnp.arange(B)[:, None] * K + jnp.arange(H)[None, :] // G) * (nT * R)  # B H
+        dest_flat = jnp.where(ok, dest + bk[..., None, None], size).reshape(-1)  # invalid: dropped
+        gq = (jnp.arange(H) % G)[:, None] * Tq1 + t_idx[None, :]  # H Tq: row id within the kv group
+        row_q = jnp.full((size,), G * Tq1, jnp.int32).at[dest_flat].set(
+            jnp.broadcast_to(gq[None, :, :, None], (B, H, Tq, N)).reshape(-1), mode="drop").reshape(B, K, nT * R)
+        row_rot = jnp.zeros((size,), jnp.int32).at[dest_flat].set(rot.reshape(-1), mode="drop").reshape(B, K, nT * R)
+        tile_chunk = jnp.sum(jnp.arange(nT, dtype=jnp.int32)[None, None, :, None] >= tile_end[:, :, None, :],
+                             axis=-1, dtype=jnp.int32)
+        tile_chunk = jnp.minimum(tile_chunk, C - 1)  # B K nT
+
+        # pass 2: walk the tiles with a running softmax per (head, query); row G·Tq1 is a sink
+        k_c = k_loc.reshape(B, C, l, K, D).transpose(0, 3, 1, 2, 4)  # BKClD
+        v_c = v.reshape(B, C, l, K, D).transpose(0, 3, 1, 2, 4)
+        qsel = jnp.pad(jax.lax.dynamic_slice_in_dim(base, S0, Tq, axis=2), ((0, 0), (0, 0), (0, 1), (0, 0)))
+        qsel = jnp.pad(qsel.reshape(B, K, G * Tq1, D), ((0, 0), (0, 0), (0, 1), (0, 0)))  # B K (G·Tq1 + 1) D
+        o_key = jnp.arange(l, dtype=jnp.int32)
+        b_ix = jnp.arange(B)[:, None, None]
+        k_ix = jnp.arange(K)[None, :, None]
+
+        def tile(i, carry):
+            mx, den, acc = carry
+            c = tile_chunk[:, :, i]  # B K
+            rows = jax.lax.dynamic_slice_in_dim(row_q, i * R, R, axis=2)  # B K R
+            rr = jax.lax.dynamic_slice_in_dim(row_rot, i * R, R, axis=2)
+            qv = jnp.take_along_axis(qsel, rows[..., None], axis=2).astype(jnp.float32)  # B K R D
+            qr = (qv * cos_tab[b_ix, rr] + _rot_half(qv) * sin_tab[b_ix, rr]).astype(q.dtype)
+            cidx = c[:, :, None, None, None]
+            Kc = jnp.take_along_axis(k_c, cidx, axis=2)[:, :, 0]  # B K l D
+            Vc = jnp.take_along_axis(v_c, cidx, axis=2)[:, :, 0]
+            s = jnp.einsum("BKRD,BKlD->BKRl", qr, Kc, preferred_element_type=jnp.float32)
+            key_pos = c[..., None] * l + o_key  # B K l
+            t_row = rows % Tq1
+            ok_row = (rows < G * Tq1) & (t_row < Tq)
+            mask = ok_row[..., None] & (key_pos[:, :, None, :] < (S0 + t_row + own_key)[..., None])
+            s = jnp.where(mask, s * scale, MASK_VALUE)
+            m_old, d_old, a_old = mx[b_ix, k_ix, rows], den[b_ix, k_ix, rows], acc[b_ix, k_ix, rows]
+            m_new = jnp.maximum(m_old, jnp.max(s, axis=-1))
+            p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+            corr = jnp.exp(m_old - m_new)
+            d_new = d_old * corr + jnp.sum(p, axis=-1)
+            a_new = a_old * corr[..., None] + jnp.einsum("BKRl,BKlD->BKRD", p.astype(v.dtype), Vc,
+                                                         preferred_element_type=jnp.float32)
+            return (mx.at[b_ix, k_ix, rows].set(m_new), den.at[b_ix, k_ix, rows].set(d_new),
+                    acc.at[b_ix, k_ix, rows].set(a_new))
+
+        def maybe_tile(i, carry):
+            return jax.lax.cond(i < n_tiles, lambda c_: tile(i, c_), lambda c_: c_, carry)
+
+        Rows = G * Tq1 + 1
+        init = (jnp.full((B, K, Rows), MASK_VALUE, jnp.float32), jnp.zeros((B, K, Rows), jnp.float32),
+                jnp.zeros((B, K, Rows, D), jnp.float32))
+        _, den, acc = jax.lax.fori_loop(0, nT, maybe_tile, init)
+        out = acc[:, :, :G * Tq1] / den[:, :, :G * Tq1, None]
+        out = out.reshape(B, H, Tq1, D)[:, :, :Tq].transpose(0, 2, 1, 3)  # B Tq H D
+        return out, sel
 
     def _selective_prefill(self, q, k_loc, v, reps, n_valid, seq_len, rope, Dn):
         """Selective attention for all query blocks from chunk Dn // l on; returns [B, T', H, D].

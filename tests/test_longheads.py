@@ -226,12 +226,15 @@ def test_fewer_chunks_is_not_full_attention(gqa):
 
 
 @pytest.mark.parametrize("attention", [
-    lh(tile_chunks=1, query_block=8),  # one chunk per tile, blocks of 8 queries
-    lh(tile_chunks=64),  # the whole union in one tile
-    lh(tile_chunks=3, query_block=16),  # tiles that do not divide the number of chunks
-], ids=["tile1-qb8", "tile64", "tile3-qb16"])
+    lh(kernel="union", tile_chunks=1, query_block=8),  # one chunk per tile, blocks of 8 queries
+    lh(kernel="union", tile_chunks=64),  # the whole union in one tile
+    lh(kernel="union", tile_chunks=3, query_block=16),  # tiles that do not divide the number of chunks
+    lh(tile_rows=7),  # chunk-major tiles of 7 rows: many partial tiles
+    lh(tile_rows=1),  # one (head, query) pair per tile
+], ids=["union-tile1-qb8", "union-tile64", "union-tile3-qb16", "dispatch-rows7", "dispatch-rows1"])
 def test_prefill_speed_knobs_do_not_change_results(gqa, attention):
-    """tile_chunks / query_block change how the prefill kernel walks each block's union; the selections
+    """The two prefill kernels (chunk-major dispatch, the default, and per-block union walks) are
+    independent implementations, and their knobs only change the tiling; the selections
     are identical and the logits equal to float rounding."""
     base_logits, base_sel = run_forward(gqa, LH)
     logits, sel = run_forward(gqa, attention)
