@@ -595,20 +595,24 @@ class LongHeads:
             dense_row = p < self.dense_length
             force_prev = jnp.ones_like(dense_row)
 
-        # dense: all cached positions < p at true distances, plus the own key
+        # dense: all cached positions < p at true distances, plus the own key. Dense rows have
+        # p < dense_length, so only the first Cd chunks can hold their keys: a fixed-size read.
+        Cd = max(1, min(C, -(-self.dense_length // l)))
+
         def dense_branch():
-            dist = p[:, None] - jnp.arange(C)[None, :] * l  # B C (query minus chunk start)
-            cos, sin = rope.cos_sin(jnp.clip(dist, 0, None), seq_len)  # B C D
-            qr = _rotate_by(q_raw[:, :, None, :], cos[:, None], sin[:, None])  # B H C D
-            qr = qr.reshape(B, K, G, C, D).astype(cache["k"].dtype)
-            s = jnp.einsum("BKGCD,BKClD->BKGCl", qr, chunk_keys, preferred_element_type=jnp.float32) * scale
-            key_pos = jnp.arange(cap).reshape(C, l)
+            dist = p[:, None] - jnp.arange(Cd)[None, :] * l  # B Cd (query minus chunk start)
+            cos, sin = rope.cos_sin(jnp.clip(dist, 0, None), seq_len)  # B Cd D
+            qr = _rotate_by(q_raw[:, :, None, :], cos[:, None], sin[:, None])  # B H Cd D
+            qr = qr.reshape(B, K, G, Cd, D).astype(cache["k"].dtype)
+            s = jnp.einsum("BKGCD,BKClD->BKGCl", qr, chunk_keys[:, :, :Cd], preferred_element_type=jnp.float32)
+            s = s * scale
+            key_pos = jnp.arange(Cd * l).reshape(Cd, l)
             mask = (key_pos[None] < p[:, None, None])[:, None, None]
-            s = jnp.where(mask, s, MASK_VALUE).reshape(B, K, G, 1, cap)
+            s = jnp.where(mask, s, MASK_VALUE).reshape(B, K, G, 1, Cd * l)
             m = jnp.max(s, -1)
             e = jnp.exp(s - m[..., None])
             lsum = jnp.sum(e, -1)
-            ov = jnp.einsum("BKGtS,BKSD->BKGtD", e.astype(cache["v"].dtype), cache["v"],
+            ov = jnp.einsum("BKGtS,BKSD->BKGtD", e.astype(cache["v"].dtype), cache["v"][:, :, :Cd * l],
                             preferred_element_type=jnp.float32) / lsum[..., None]
             past = (ov, m + jnp.log(lsum))
             # own key at distance 0
@@ -642,11 +646,11 @@ class LongHeads:
             out = jnp.einsum("BHNl,BHNlD->BHD", pr.astype(Vs.dtype), Vs, preferred_element_type=jnp.float32)
             return out[:, None], sel
 
-        any_dense, any_sel = jnp.any(dense_row), jnp.any(~dense_row)
-        zeros = jnp.zeros((B, 1, H, D), jnp.float32)
-        dense_out = jax.lax.cond(any_dense, dense_branch, lambda: zeros)
-        sel_out, sel = jax.lax.cond(any_sel, selective_branch,
-                                    lambda: (zeros, jnp.full((B, H, N), C, jnp.int32)))
+        # Both branches run unconditionally: each reads a fixed amount of the cache (Cd chunks;
+        # N chunks per head). Under lax.cond the whole per-layer cache slice became a materialised
+        # operand, i.e. a copy of the cache per layer and step (decode time grew with the context).
+        dense_out = dense_branch() if self.dense_length > 0 else jnp.zeros((B, 1, H, D), jnp.float32)
+        sel_out, sel = selective_branch()
         out = jnp.where(dense_row[:, None, None, None], dense_out, sel_out).astype(q.dtype)
         writes = {"pos": p, "k": k_loc.transpose(0, 2, 1, 3), "v": v.transpose(0, 2, 1, 3),
                   "reps": own_rep, "q": q_loc.transpose(0, 2, 1, 3)}
