@@ -178,6 +178,28 @@ def tiny(tmp_path_factory) -> TinyZoo:
     return TinyZoo(tmp_path_factory)
 
 
+def save_tiny_with_tokenizer(path, seed: int, **overrides) -> str:
+    """A tiny random LlamaForCausalLM (vocab 49152) saved next to the default model's tokenizer,
+    for end-to-end runs of the evaluation commands."""
+    kw = dict(vocab_size=49152, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
+              bos_token_id=1, eos_token_id=2)
+    kw.update(overrides)
+    save_hf_model(build_hf_model("LlamaForCausalLM", seed=seed, **kw), path)
+    lh_jax.load_tokenizer("default").save_pretrained(path)
+    return str(path)
+
+
+def copy_without_weights(src: str, dst) -> str:
+    """The model directory's config and tokenizer without weights (loading the model fails)."""
+    for f in os.listdir(src):
+        if "safetensors" not in f:
+            shutil.copy(os.path.join(src, f), dst)
+    with pytest.raises(Exception):
+        lh_jax.load(str(dst))
+    return str(dst)
+
+
 def copy_model_dir(src: str, dst) -> str:
     shutil.copytree(src, dst)
     return str(dst)

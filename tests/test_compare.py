@@ -9,14 +9,13 @@ import csv
 import json
 import math
 import os
-import shutil
 
 import numpy as np
 import pytest
 
 import lh_jax
 import lh_jax.cli
-from conftest import build_hf_model, save_hf_model
+from conftest import copy_without_weights, save_tiny_with_tokenizer
 from lh_jax import runtime
 from lh_jax.experiments import needle as N
 from lh_jax.experiments import passkey as pk
@@ -30,25 +29,13 @@ RUN = ["--methods", "full,longheads", "--chunk-size", "16", "--num-chunks", "4",
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:
-    d = tmp_path_factory.mktemp("compare_model")
-    model = build_hf_model("LlamaForCausalLM", seed=13, vocab_size=49152, hidden_size=32, intermediate_size=64,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                           tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    save_hf_model(model, d)
-    lh_jax.load_tokenizer("default").save_pretrained(d)
-    return str(d)
+    return save_tiny_with_tokenizer(tmp_path_factory.mktemp("compare_model"), seed=13)
 
 
 @pytest.fixture(scope="module")
 def no_weights_dir(tmp_path_factory, model_dir) -> str:
     """The tiny model's config and tokenizer without weights: loading the model fails."""
-    d = tmp_path_factory.mktemp("compare_no_weights")
-    for f in os.listdir(model_dir):
-        if "safetensors" not in f:
-            shutil.copy(os.path.join(model_dir, f), d)
-    with pytest.raises(Exception):
-        lh_jax.load(str(d))
-    return str(d)
+    return copy_without_weights(model_dir, tmp_path_factory.mktemp("compare_no_weights"))
 
 
 class Spy:

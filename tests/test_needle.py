@@ -14,7 +14,7 @@ import lh_jax
 from lh_jax.cli import build_parser
 from lh_jax.experiments import needle as N
 
-from conftest import build_hf_model, hamlet_text, save_hf_model
+from conftest import build_hf_model, copy_without_weights, hamlet_text, save_hf_model
 
 MAGIC = re.compile(r"One of the special magic numbers for (\S+) is: (\d+)\.")
 ASSIGN = re.compile(r"VAR ([A-Z]{5}) = (?:VAR ([A-Z]{5})|(\d+))\.")
@@ -232,14 +232,7 @@ def test_command_end_to_end(tiny_with_tokenizer, tmp_path):
 @pytest.fixture(scope="module")
 def tokenizer_only_dir(tmp_path_factory, tiny_with_tokenizer):
     """The tiny model's config and tokenizer but no weights: loading the model fails."""
-    import shutil
-    path = tmp_path_factory.mktemp("no_weights")
-    for f in os.listdir(tiny_with_tokenizer):
-        if "safetensors" not in f:
-            shutil.copy(os.path.join(tiny_with_tokenizer, f), path)
-    with pytest.raises(Exception):
-        lh_jax.load(str(path))
-    return str(path)
+    return copy_without_weights(tiny_with_tokenizer, tmp_path_factory.mktemp("no_weights"))
 
 
 @pytest.mark.parametrize("extra, match", [

@@ -17,7 +17,7 @@ import pytest
 
 import lh_jax
 import lh_jax.cli
-from conftest import build_hf_model, save_hf_model, torch_greedy
+from conftest import save_tiny_with_tokenizer, torch_greedy
 from lh_jax.experiments import passkey as pk
 from lh_jax.methods import MethodSpec
 
@@ -30,13 +30,7 @@ METHODS = ["--methods", "full,longheads"]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:
-    d = tmp_path_factory.mktemp("passkey_model")
-    model = build_hf_model("LlamaForCausalLM", seed=11, vocab_size=49152, hidden_size=32, intermediate_size=64,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                           tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    save_hf_model(model, d)
-    lh_jax.load_tokenizer("default").save_pretrained(d)
-    return str(d)
+    return save_tiny_with_tokenizer(tmp_path_factory.mktemp("passkey_model"), seed=11)
 
 
 @pytest.fixture(scope="module")
