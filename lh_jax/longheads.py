@@ -438,7 +438,6 @@ class LongHeads:
         per_chunk = l // qb_size
         first_chunk = Dn // l
         position_fn = self.position_fn
-        builtin = self.positions in ("remap", "original")
         scale = D ** -0.5
         u = max(1, min(self.tile_chunks, C))
         n_tiles_max = -(-C // u)
@@ -448,19 +447,8 @@ class LongHeads:
         q_raw = q.transpose(0, 2, 1, 3)  # BHTD
         o_key = jnp.arange(l, dtype=jnp.int32)
         c_ids = jnp.arange(C, dtype=jnp.int32)
-        _, rope_scale = rope.static_inv_freq()
-        if builtin:
-            # distance = j·l + o_t: rotate the in-chunk-rotated query by j·l (j < J) — a table
-            J = N if self.positions == "remap" else C
-            jl = jnp.broadcast_to(jnp.arange(J, dtype=jnp.int32) * l, (B, J))
-            cos_j, sin_j = rope.cos_sin(jl, seq_len)  # B J D
-            cos_j, sin_j = cos_j / rope_scale, sin_j / rope_scale  # the scale is already in q_loc
-            offs = jnp.broadcast_to(jnp.arange(Tl, dtype=jnp.int32) % l, (B, Tl))
-            q_loc = rotate(q, *rope.cos_sin(offs, seq_len)).transpose(0, 2, 1, 3)  # BHTD
-        else:
-            max_dist = Tl + N * l
-            dpos = jnp.broadcast_to(jnp.arange(max_dist, dtype=jnp.int32), (B, max_dist))
-            cos_tab, sin_tab = rope.cos_sin(dpos, seq_len)
+        base, cos_tab, sin_tab, table_index = self._rotation_tables(q, rope, seq_len, Tl)
+        b_ix = jnp.arange(B)[:, None, None, None]
         own_key = 0 if self.reference else 1  # the released code leaves out the query's own key
 
         def gather_chunks(x_BKClD, ids_BHu):
@@ -487,10 +475,7 @@ class LongHeads:
             order = jnp.argsort(jnp.where(used, c_ids, C + c_ids), axis=-1).astype(jnp.int32)
             order = jnp.pad(order, ((0, 0), (0, 0), (0, n_tiles_max * u - C)))
             n_tiles = (jnp.max(count) + u - 1) // u
-            if builtin:
-                ql = jax.lax.dynamic_slice_in_dim(q_loc, start, qb_size, axis=2).astype(jnp.float32)
-                q_j = (ql[:, :, None] * cos_j[:, None, :, None] +
-                       _rot_half(ql)[:, :, None] * sin_j[:, None, :, None]).astype(q.dtype)  # BHJtD
+            qv = jax.lax.dynamic_slice_in_dim(base, start, qb_size, axis=2).astype(jnp.float32)[:, :, None]
 
             def tile(j, carry):
                 mx, den, acc = carry
@@ -501,14 +486,8 @@ class LongHeads:
                 m_tu = jnp.take_along_axis(M, gi, axis=-1) & u_ok[:, :, None, :]  # BHtu
                 slot = jnp.take_along_axis(rank, gi, axis=-1)
                 dist = position_fn(slot, ids[:, :, None, :], cur, n_sel[..., None], o_q[None, None, :, None], l)
-                if builtin:
-                    jj = jnp.clip((dist - o_q[None, None, :, None]) // l, 0, J - 1).transpose(0, 1, 3, 2)  # BHut
-                    qr = jnp.take_along_axis(q_j, jj[..., None], axis=2)  # BHutD
-                else:
-                    dist = jnp.clip(dist, 0, max_dist - 1).transpose(0, 1, 3, 2)  # BHut
-                    b_ix = jnp.arange(B)[:, None, None, None]
-                    qr = _rotate_by(qb.astype(jnp.float32)[:, :, None, :, :], cos_tab[b_ix, dist],
-                                    sin_tab[b_ix, dist]).astype(q.dtype)
+                rr = table_index(dist, o_q[None, None, :, None]).transpose(0, 1, 3, 2)  # BHut
+                qr = _rotate_by(qv, cos_tab[b_ix, rr], sin_tab[b_ix, rr]).astype(q.dtype)  # BHutD
                 s = jnp.einsum("BHutD,BHuoD->BHuto", qr, Ku, preferred_element_type=jnp.float32)
                 key_pos = ids[..., None] * l + o_key  # BHuo
                 mask = (m_tu.transpose(0, 1, 3, 2)[..., None]
