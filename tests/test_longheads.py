@@ -538,6 +538,9 @@ def test_group_selection_is_shared_within_kv_groups(gqa):
     (dict(chunk_size=32, num_chunks=4, positions="absolute"), "positions"),
     (dict(chunk_size=32, num_chunks=4, selection="layer"), "selection"),
     (dict(chunk_size=32, num_chunks=4, dense_length=100, reference=True), "dense_length=100 must be a multiple"),
+    (dict(chunk_size=32, num_chunks=4, kernel="flash"), "kernel"),
+    (dict(chunk_size=32, num_chunks=4, tile_rows=0), "tile_rows"),
+    (dict(chunk_size=32, num_chunks=4, tile_chunks=-1), "tile_chunks"),
 ])
 def test_bad_settings_raise_at_construction(kwargs, name):
     with nothing_compiles(), pytest.raises(ValueError, match=name):
