@@ -101,7 +101,40 @@ class KeyBounds:
         return num_kv_heads, 2 * head_dim
 
 
-CHUNK_REPRESENTATIONS = {"attn": AttnPooled(), "mean": MeanKeys(), "bounds": KeyBounds()}
+@dataclasses.dataclass(frozen=True)
+class SubChunkPooled:
+    """Several summaries per chunk (InfLLM-style representatives): the paper's attention pooling
+    applied to each of `parts` sub-chunks of chunk_size / parts tokens; a chunk scores the best of
+    its parts. A short needle dominates its sub-chunk's summary instead of being averaged away
+    among a whole chunk of filler. Scoring costs `parts` dot products per chunk."""
+
+    parts: int = 8
+    needs_queries = True
+
+    def check(self, chunk_size: int) -> None:
+        if not isinstance(self.parts, int) or self.parts < 1 or chunk_size % self.parts:
+            raise ValueError(f"chunk_repr SubChunkPooled(parts={self.parts!r}): parts must be a positive "
+                             f"integer dividing chunk_size={chunk_size}")
+
+    def build(self, q_loc_BCtHD, k_loc_BCtKD, v_BCtKD, valid_BCt):
+        B, C, l, H, D = q_loc_BCtHD.shape
+        P = self.parts
+        sub = lambda x: x.reshape((B, C * P, l // P) + x.shape[3:])
+        rep = AttnPooled().build(sub(q_loc_BCtHD), sub(k_loc_BCtKD), sub(v_BCtKD), sub(valid_BCt))
+        return rep.reshape(B, H, C, P * D)  # B H (C·P) D -> B H C (P·D)
+
+    def score(self, q_BHtD, reps_BHCX):
+        B, H, C, X = reps_BHCX.shape
+        D = q_BHtD.shape[-1]
+        r = reps_BHCX.reshape(B, H, C, X // D, D)
+        return jnp.max(jnp.einsum("BHtD,BHCPD->BHtCP", q_BHtD.astype(jnp.float32), r), axis=-1)
+
+    def width(self, num_heads, num_kv_heads, head_dim):
+        return num_heads, self.parts * head_dim
+
+
+CHUNK_REPRESENTATIONS = {"attn": AttnPooled(), "mean": MeanKeys(), "bounds": KeyBounds(),
+                         "attn-parts": SubChunkPooled()}
 
 
 # --- selection ---------------------------------------------------------------------------------

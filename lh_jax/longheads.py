@@ -57,7 +57,7 @@ class LongHeads:
     forced ones included (window = chunk_size * num_chunks). dense_length: the first tokens use
     ordinary causal attention at true positions (default: the window). reference: reproduce the
     authors' released code, defects included (see README). chunk_repr: "attn" | "mean" |
-    "bounds" or an object with build/score/width. positions: "remap" | "original" or a function.
+    "bounds" | "attn-parts" or an object with build/score/width (see `chunks`). positions: "remap" | "original" or a function.
     selection: "head" (each query head selects) or "group" (one selection per kv head, scores
     summed over its query heads). selector: "topk" (the paper) | "recent" (chunk 0 + the most
     recent chunks: a sliding-window baseline) or a function like `chunks.select_chunks`.
@@ -97,6 +97,8 @@ class LongHeads:
         if isinstance(self.chunk_repr, str) and self.chunk_repr not in CHUNK_REPRESENTATIONS:
             raise ValueError(f"LongHeads: unknown chunk_repr {self.chunk_repr!r}; choose one of "
                              f"{sorted(CHUNK_REPRESENTATIONS)} or pass an object with build/score/width")
+        if hasattr(self.repr_fn, "check"):
+            self.repr_fn.check(self.chunk_size)
         if isinstance(self.positions, str) and self.positions not in POSITION_SCHEMES:
             raise ValueError(f"LongHeads: unknown positions scheme {self.positions!r}; choose one of "
                              f"{sorted(POSITION_SCHEMES)} or pass a function")

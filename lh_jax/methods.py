@@ -119,7 +119,7 @@ def add_method_arguments(p: argparse.ArgumentParser, multiple: bool = False, def
     p.add_argument("--chunk-size", type=int, default=256, help="chunk size (sliding / LongHeads)")
     p.add_argument("--num-chunks", type=int, default=16, help="chunks attended per query (sliding / LongHeads)")
     p.add_argument("--dense-length", type=int, default=None, help="LongHeads dense prefix (default: the window)")
-    p.add_argument("--chunk-repr", default="attn", choices=["attn", "mean", "bounds"],
+    p.add_argument("--chunk-repr", default="attn", choices=["attn", "mean", "bounds", "attn-parts"],
                    help="LongHeads chunk representation (ablation)")
     p.add_argument("--positions", default="remap", choices=["remap", "original"],
                    help="LongHeads position scheme (ablation)")

@@ -334,6 +334,7 @@ MEAN = lh(chunk_repr="mean")
 BOUNDS = lh(num_chunks=5, dense_length=80, chunk_repr="bounds")  # dense_length not a chunk multiple
 ORIGINAL = lh(positions="original")
 GROUP = lh(selection="group")
+PARTS = lh(chunk_repr="attn-parts")  # 8 sub-chunks of 4 tokens
 
 
 @pytest.mark.parametrize("attention", [LH, BOUNDS, lh(num_chunks=13)], ids=label)
@@ -361,7 +362,7 @@ def test_model_selections_are_well_formed(gqa, attention):
 
 # --- 5. decode after prefill equals one forward pass -------------------------------------------
 
-@pytest.mark.parametrize("attention", [LH, BOUNDS, ORIGINAL, GROUP], ids=label)
+@pytest.mark.parametrize("attention", [LH, BOUNDS, ORIGINAL, GROUP, PARTS], ids=label)
 def test_decode_after_prefill_equals_forward(gqa, attention):
     """Prompt 150 (past dense_length, not a chunk multiple), then 150 teacher-forced decode steps
     across the chunk boundaries 160, 192, ..., 288; each step's logits equal forward()'s."""
@@ -497,7 +498,7 @@ def test_bfloat16_params(gqa):
 
 # --- 9. ablations -------------------------------------------------------------------------------
 
-ABLATIONS = {"mean": MEAN, "bounds": BOUNDS, "original": ORIGINAL, "group": GROUP}
+ABLATIONS = {"mean": MEAN, "bounds": BOUNDS, "original": ORIGINAL, "group": GROUP, "attn-parts": PARTS}
 
 
 @pytest.mark.parametrize("name", list(ABLATIONS))
