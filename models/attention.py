@@ -7,14 +7,16 @@ An attention implementation is a hashable object (a frozen dataclass) with
 
     init_cache(config, batch, capacity, dtype) -> pytree          # one layer's cache
     __call__(q, k, v, *, config, rope, ctx, cache) -> (out, writes, aux)
-    write_cache(cache_L, writes_L, ctx) -> cache_L                 # all layers at once
+    write_cache(cache_L, writes_L, ctx) -> cache_L                 # leading layer axis L
     validate(config) -> None                                       # raise/warn before compiling
 
 `q` [B,T,H,D], `k`/`v` [B,T,K,D] arrive **un-rotated** so that an implementation can place keys at
 positions of its own choosing (LongHeads does); `rope` rotates them. `cache` is the layer's cache
 as it was before this call (read-only; None for a cache-free forward pass). The layer returns
-`writes` instead of a new cache; the model applies them to the stacked cache after the layer
-scan, so a decode step updates the cache in place instead of copying it layer by layer.
+`writes` instead of a new cache. In a decode step the model applies them to the stacked cache
+after the layer scan (all layers at once), so the cache is updated in place instead of copied
+layer by layer; in a prefill each layer applies its own (L = 1) inside the scan, so the writes
+of all layers never sit beside the cache.
 `aux` is any per-layer pytree (or None), stacked over layers for diagnostics.
 """
 from __future__ import annotations

@@ -41,10 +41,20 @@ class DecoderLayer(nn.Module):
     config: ModelConfig
     attention: Any
     dtype: Any = jnp.float32
+    carry_cache: bool = False
 
     @nn.compact
     def __call__(self, x_BTE, cache, ctx: AttentionContext):
+        """x [B, T, E], this layer's cache (or None), ctx -> (x, (writes, aux)).
+
+        With `carry_cache` the first argument is (x, stacked cache of all layers) and the second
+        this layer's index; the layer writes its entries into the stacked cache itself and returns
+        ((x, cache), aux) — the prefill path, which then never holds a second copy of the cache.
+        """
         cfg = self.config
+        if self.carry_cache:
+            (x_BTE, stacked), layer = x_BTE, cache
+            cache = jax.tree.map(lambda c: jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False), stacked)
         B, T, _ = x_BTE.shape
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_norm")(x_BTE)
         q = _dense(cfg.num_heads * cfg.head_dim, cfg.attention_bias, self.dtype, "q_proj")(h)
@@ -61,6 +71,12 @@ class DecoderLayer(nn.Module):
         gate = _dense(cfg.intermediate_size, cfg.mlp_bias, self.dtype, "gate_proj")(h)
         up = _dense(cfg.intermediate_size, cfg.mlp_bias, self.dtype, "up_proj")(h)
         x_BTE = x_BTE + _dense(cfg.hidden_size, cfg.mlp_bias, self.dtype, "down_proj")(nn.silu(gate) * up)
+        if self.carry_cache:
+            one = lambda t: jax.tree.map(lambda a: a[None], t)
+            new = self.attention.write_cache(one(cache), one(writes), ctx)
+            stacked = jax.tree.map(lambda s_, n: jax.lax.dynamic_update_index_in_dim(s_, n[0].astype(s_.dtype), layer, 0),
+                                   stacked, new)
+            return (x_BTE, stacked), aux
         return x_BTE, (writes, aux)
 
 
@@ -84,9 +100,18 @@ class Transformer(nn.Module):
         x = embed(ids_BT)
         layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(0, nn.broadcast), length=cfg.num_layers)
-        x, (writes, aux) = layers(cfg, self.attention, self.dtype, name="layers")(x, cache, ctx)
-        if cache is not None:
-            cache = self.attention.write_cache(cache, writes, ctx)
+        if cache is not None and ids_BT.shape[1] > 1:
+            # prefill: each layer writes into the (donated) stacked cache inside the scan, so the
+            # new entries of all layers never exist beside the cache (peak memory ~ one cache)
+            L = cfg.num_layers
+            (x, cache), aux = layers(cfg, self.attention, self.dtype, carry_cache=True, name="layers")(
+                (x, cache), jnp.arange(L, dtype=jnp.int32), ctx)
+        else:
+            # decode: one token's writes per layer, stacked and applied after the scan, so the
+            # cache is updated in place instead of copied layer by layer
+            x, (writes, aux) = layers(cfg, self.attention, self.dtype, name="layers")(x, cache, ctx)
+            if cache is not None:
+                cache = self.attention.write_cache(cache, writes, ctx)
         if last_only:
             x = x[:, -1:]
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="final_norm")(x)
