@@ -231,7 +231,7 @@ class LongHeads:
         cs_loc = rope.cos_sin(offs, seq_len)
         q_loc, k_loc = rotate(q, *cs_loc), rotate(k, *cs_loc)
         chunked = lambda x: x.reshape((B, C, l) + x.shape[2:])
-        reps = self.repr_fn.build(chunked(q_loc), chunked(k_loc), chunked(v), valid.reshape(B, C, l))
+        reps = self._build_reps(chunked(q_loc), chunked(k_loc), chunked(v), valid.reshape(B, C, l))
 
         # dense part: ordinary causal attention at true positions
         Dn = min(self.dense_length, Tl)
@@ -267,6 +267,25 @@ class LongHeads:
             qbuf = qbuf[:, :, :0]
         writes = {"k": k_loc.transpose(0, 2, 1, 3), "v": v.transpose(0, 2, 1, 3), "reps": reps, "qbuf": qbuf}
         return out, writes, aux
+
+    def _build_reps(self, q_BCtHD, k_BCtKD, v_BCtKD, valid_BCt, block: int = 16):
+        """The chunk representations, `block` chunks at a time (lax.map), so that a representation
+        with per-chunk intermediates (the paper's in-chunk [l x l] attention) never holds them for
+        every chunk at once. Padding chunks are all-invalid and dropped."""
+        B, C = q_BCtHD.shape[:2]
+        cb = min(C, block)
+        nb = -(-C // cb)
+        if nb == 1:
+            return self.repr_fn.build(q_BCtHD, k_BCtKD, v_BCtKD, valid_BCt)
+
+        def blocks(x):
+            x = jnp.pad(x, ((0, 0), (0, nb * cb - C)) + ((0, 0),) * (x.ndim - 2))
+            return x.reshape((B, nb, cb) + x.shape[2:]).swapaxes(0, 1)
+
+        out = jax.lax.map(lambda a: self.repr_fn.build(*a),
+                          (blocks(q_BCtHD), blocks(k_BCtKD), blocks(v_BCtKD), blocks(valid_BCt)))  # nb B R cb X
+        R, X = out.shape[2], out.shape[4]
+        return out.transpose(1, 2, 0, 3, 4).reshape(B, R, nb * cb, X)[:, :, :C]
 
     def _scores(self, q_BHtD, reps, H, K):
         s = self.repr_fn.score(q_BHtD, reps)  # BHtC
