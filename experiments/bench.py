@@ -68,7 +68,7 @@ def worker_jax(model: str, length: int, repeats: int, decode_steps: int, attenti
         return time.perf_counter() - t0, logits, cache
 
     first, _, _ = run_prefill()
-    times, logits, cache = [], None, None
+    times = []
     for _ in range(repeats):
         logits = cache = None  # release the previous run's cache before allocating the next one
         t, logits, cache = run_prefill()
