@@ -11,6 +11,7 @@ or your own object with the same methods.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -102,39 +103,70 @@ class KeyBounds:
 
 
 @dataclasses.dataclass(frozen=True)
-class SubChunkPooled:
-    """Several summaries per chunk (InfLLM-style representatives): the paper's attention pooling
+class SubChunks:
+    """Several summaries per chunk (InfLLM-style representatives): any base representation
     applied to each of `parts` sub-chunks of chunk_size / parts tokens; a chunk scores the best of
     its parts. A short needle dominates its sub-chunk's summary instead of being averaged away
-    among a whole chunk of filler. Scoring costs `parts` dot products per chunk."""
+    among a whole chunk of filler. Scoring costs `parts` base scores per chunk; with
+    parts = chunk_size and base MeanKeys a chunk scores its best single key (max_j q·k_j).
+
+    Names: "attn-parts", "mean-parts", "bounds-parts" (8 parts), "attn-parts:16" etc.
+    A sub-chunk that holds only padding (the partial last chunk) gets the base's empty summary;
+    such chunks are always forced in, so it does not affect selection.
+    """
 
     parts: int = 8
-    needs_queries = True
+    base: Any = AttnPooled()
+
+    @property
+    def needs_queries(self):
+        return self.base.needs_queries
 
     def check(self, chunk_size: int) -> None:
-        if not isinstance(self.parts, int) or self.parts < 1 or chunk_size % self.parts:
-            raise ValueError(f"chunk_repr SubChunkPooled(parts={self.parts!r}): parts must be a positive "
+        if not isinstance(self.parts, int) or isinstance(self.parts, bool) or self.parts < 1 or chunk_size % self.parts:
+            raise ValueError(f"chunk_repr SubChunks(parts={self.parts!r}): parts must be a positive "
                              f"integer dividing chunk_size={chunk_size}")
 
     def build(self, q_loc_BCtHD, k_loc_BCtKD, v_BCtKD, valid_BCt):
-        B, C, l, H, D = q_loc_BCtHD.shape
+        B, C, l = valid_BCt.shape
         P = self.parts
         sub = lambda x: x.reshape((B, C * P, l // P) + x.shape[3:])
-        rep = AttnPooled().build(sub(q_loc_BCtHD), sub(k_loc_BCtKD), sub(v_BCtKD), sub(valid_BCt))
-        return rep.reshape(B, H, C, P * D)  # B H (C·P) D -> B H C (P·D)
+        rep = self.base.build(sub(q_loc_BCtHD), sub(k_loc_BCtKD), sub(v_BCtKD), sub(valid_BCt))
+        R, X = rep.shape[1], rep.shape[-1]
+        return rep.reshape(B, R, C, P * X)  # B R (C·P) X -> B R C (P·X)
 
-    def score(self, q_BHtD, reps_BHCX):
-        B, H, C, X = reps_BHCX.shape
-        D = q_BHtD.shape[-1]
-        r = reps_BHCX.reshape(B, H, C, X // D, D)
-        return jnp.max(jnp.einsum("BHtD,BHCPD->BHtCP", q_BHtD.astype(jnp.float32), r), axis=-1)
+    def score(self, q_BHtD, reps_BRCX):
+        B, R, C, X = reps_BRCX.shape
+        P = self.parts
+        s = self.base.score(q_BHtD, reps_BRCX.reshape(B, R, C * P, X // P))  # B H t (C·P)
+        return jnp.max(s.reshape(s.shape[:-1] + (C, P)), axis=-1)
 
     def width(self, num_heads, num_kv_heads, head_dim):
-        return num_heads, self.parts * head_dim
+        R, X = self.base.width(num_heads, num_kv_heads, head_dim)
+        return R, self.parts * X
+
+
+def SubChunkPooled(parts: int = 8) -> SubChunks:
+    """The paper's attention pooling per sub-chunk ("attn-parts")."""
+    return SubChunks(parts, AttnPooled())
 
 
 CHUNK_REPRESENTATIONS = {"attn": AttnPooled(), "mean": MeanKeys(), "bounds": KeyBounds(),
-                         "attn-parts": SubChunkPooled()}
+                         "attn-parts": SubChunks(8, AttnPooled()), "mean-parts": SubChunks(8, MeanKeys()),
+                         "bounds-parts": SubChunks(8, KeyBounds())}
+
+
+def chunk_repr_from_name(name: str):
+    """A registered name, or "<base>-parts:P" (e.g. "bounds-parts:16") for P sub-chunks per chunk.
+    Raises ValueError naming the bad name."""
+    if name in CHUNK_REPRESENTATIONS:
+        return CHUNK_REPRESENTATIONS[name]
+    base, sep, parts = name.partition(":")
+    if sep and base.endswith("-parts") and base in CHUNK_REPRESENTATIONS and parts.isdigit() and int(parts) > 0:
+        return dataclasses.replace(CHUNK_REPRESENTATIONS[base], parts=int(parts))
+    raise ValueError(f"unknown chunk_repr {name!r}; choose one of {sorted(CHUNK_REPRESENTATIONS)}, "
+                     "'<base>-parts:P' with P a positive integer (e.g. 'attn-parts:16'), "
+                     "or pass an object with build/score/width")
 
 
 # --- selection ---------------------------------------------------------------------------------

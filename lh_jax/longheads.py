@@ -27,7 +27,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from lh_jax.chunks import CHUNK_REPRESENTATIONS, POSITION_SCHEMES, SELECTORS
+from lh_jax.chunks import POSITION_SCHEMES, SELECTORS, chunk_repr_from_name
 from lh_jax.models.attention import (MASK_VALUE, AttentionContext, _group, _ungroup, attend_stats,
                                      merge_stats, self_attention_stats)
 from lh_jax.models.config import ModelConfig
@@ -57,7 +57,7 @@ class LongHeads:
     forced ones included (window = chunk_size * num_chunks). dense_length: the first tokens use
     ordinary causal attention at true positions (default: the window). reference: reproduce the
     authors' released code, defects included (see README). chunk_repr: "attn" | "mean" |
-    "bounds" | "attn-parts" or an object with build/score/width and an optional
+    "bounds" | "attn-parts" | "mean-parts" | "bounds-parts" ("<name>:P" for P sub-chunks) or an object with build/score/width and an optional
     check(chunk_size) (see `chunks`). positions: "remap" | "original" or a function.
     selection: "head" (each query head selects) or "group" (one selection per kv head, scores
     summed over its query heads). selector: "topk" (the paper) | "recent" (chunk 0 + the most
@@ -95,9 +95,11 @@ class LongHeads:
             object.__setattr__(self, "dense_length", self.chunk_size * self.num_chunks)
         if not isinstance(self.dense_length, int) or self.dense_length < 0:
             raise ValueError(f"LongHeads: dense_length must be a non-negative integer, got {self.dense_length!r}")
-        if isinstance(self.chunk_repr, str) and self.chunk_repr not in CHUNK_REPRESENTATIONS:
-            raise ValueError(f"LongHeads: unknown chunk_repr {self.chunk_repr!r}; choose one of "
-                             f"{sorted(CHUNK_REPRESENTATIONS)} or pass an object with build/score/width")
+        if isinstance(self.chunk_repr, str):
+            try:
+                chunk_repr_from_name(self.chunk_repr)
+            except ValueError as e:
+                raise ValueError(f"LongHeads: {e}") from None
         if hasattr(self.repr_fn, "check"):
             self.repr_fn.check(self.chunk_size)
         if isinstance(self.positions, str) and self.positions not in POSITION_SCHEMES:
@@ -135,7 +137,7 @@ class LongHeads:
 
     @property
     def repr_fn(self):
-        return CHUNK_REPRESENTATIONS[self.chunk_repr] if isinstance(self.chunk_repr, str) else self.chunk_repr
+        return chunk_repr_from_name(self.chunk_repr) if isinstance(self.chunk_repr, str) else self.chunk_repr
 
     @property
     def selector_fn(self) -> Callable:

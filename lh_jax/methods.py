@@ -106,6 +106,15 @@ class MethodSpec:
         return self.scaled_config(config, length), self.attention()
 
 
+def _chunk_repr_name(text: str) -> str:
+    from lh_jax.chunks import chunk_repr_from_name
+    try:
+        chunk_repr_from_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def add_method_arguments(p: argparse.ArgumentParser, multiple: bool = False, default: str = "full") -> None:
     """Method flags shared by every command (`--methods a,b` when `multiple`, else `--attention`)."""
     if multiple:
@@ -119,8 +128,10 @@ def add_method_arguments(p: argparse.ArgumentParser, multiple: bool = False, def
     p.add_argument("--chunk-size", type=int, default=256, help="chunk size (sliding / LongHeads)")
     p.add_argument("--num-chunks", type=int, default=16, help="chunks attended per query (sliding / LongHeads)")
     p.add_argument("--dense-length", type=int, default=None, help="LongHeads dense prefix (default: the window)")
-    p.add_argument("--chunk-repr", default="attn", choices=["attn", "mean", "bounds", "attn-parts"],
-                   help="LongHeads chunk representation (ablation)")
+    p.add_argument("--chunk-repr", default="attn", type=_chunk_repr_name,
+                   help="LongHeads chunk representation (ablation): attn (the paper), mean, bounds (Quest), "
+                        "attn-parts / mean-parts / bounds-parts (best of 8 sub-chunk summaries; "
+                        "'attn-parts:16' for 16)")
     p.add_argument("--positions", default="remap", choices=["remap", "original"],
                    help="LongHeads position scheme (ablation)")
     p.add_argument("--selection", default="head", choices=["head", "group"],

@@ -1,12 +1,14 @@
 """Chunk representations against numpy definitions written from the method's description
-(shared/longheads.md): attention-pooled keys, and the sub-chunk variant built on it."""
+(shared/longheads.md): attention-pooled keys, and the sub-chunk variants built on the
+attention-pooled, mean and min/max (Quest) summaries."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 import lh_jax
-from lh_jax.chunks import CHUNK_REPRESENTATIONS, AttnPooled, SubChunkPooled
+from lh_jax.chunks import (CHUNK_REPRESENTATIONS, AttnPooled, KeyBounds, MeanKeys, SubChunkPooled, SubChunks,
+                           chunk_repr_from_name)
 
 
 def _softmax(x):
@@ -55,8 +57,52 @@ def test_subchunk_scores_are_the_best_part(chunk_data, parts):
         np.testing.assert_allclose(scores, attn, rtol=1e-5, atol=1e-5)
 
 
+def _best_part_np(queries, k, parts, summary):
+    """max over parts of the score of each part's summary; summary(k_part [m, D], q [t, D]) -> [t]."""
+    B, C, l, K, D = k.shape
+    H = queries.shape[1]
+    G, m = H // K, l // parts
+    want = np.empty((B, H, queries.shape[2], C), np.float32)
+    for b in range(B):
+        for h in range(H):
+            for c in range(C):
+                s = [summary(k[b, c, i * m:(i + 1) * m, h // G], queries[b, h]) for i in range(parts)]
+                want[b, h, :, c] = np.max(np.stack(s), axis=0)
+    return want
+
+
+@pytest.mark.parametrize("parts", [1, 4, 16])
+def test_subchunk_mean_and_bounds(chunk_data, parts):
+    q, k, v, valid, queries = chunk_data
+    mean = lambda kp, qs: qs @ kp.mean(0)
+    bounds = lambda kp, qs: np.maximum(qs * kp.min(0), qs * kp.max(0)).sum(-1)
+    for base, summary in ((MeanKeys(), mean), (KeyBounds(), bounds)):
+        rep_fn = SubChunks(parts, base)
+        got = np.asarray(rep_fn.score(queries, rep_fn.build(q, k, v, valid)))
+        np.testing.assert_allclose(got, _best_part_np(queries, k, parts, summary), rtol=1e-4, atol=1e-4)
+    if parts == k.shape[2]:  # one key per part: a chunk scores its best key
+        G = queries.shape[1] // k.shape[3]
+        best = np.einsum("bhtd,bcshd->bhtcs", queries, np.repeat(k, G, axis=3)).max(-1)
+        got = np.asarray(SubChunks(parts, MeanKeys()).score(queries, SubChunks(parts, MeanKeys()).build(q, k, v, valid)))
+        np.testing.assert_allclose(got, best, rtol=1e-4, atol=1e-4)
+
+
+def test_chunk_repr_names():
+    assert chunk_repr_from_name("bounds-parts:16") == SubChunks(16, KeyBounds())
+    assert chunk_repr_from_name("attn-parts") == SubChunkPooled(8)
+    assert chunk_repr_from_name("mean") == MeanKeys()
+    for bad in ("attn:4", "attn-parts:0", "attn-parts:x", "median-parts:4", "bounds-parts:"):
+        with pytest.raises(ValueError, match="unknown chunk_repr"):
+            chunk_repr_from_name(bad)
+    lh_jax.LongHeads(chunk_size=64, num_chunks=4, chunk_repr="mean-parts:64")
+    with pytest.raises(ValueError, match="dividing chunk_size=64"):
+        lh_jax.LongHeads(chunk_size=64, num_chunks=4, chunk_repr="bounds-parts:128")
+    with pytest.raises(ValueError, match="unknown chunk_repr 'attn-parts:-2'"):
+        lh_jax.LongHeads(chunk_size=64, num_chunks=4, chunk_repr="attn-parts:-2")
+
+
 def test_attn_parts_is_registered_and_checked():
-    assert isinstance(CHUNK_REPRESENTATIONS["attn-parts"], SubChunkPooled)
+    assert CHUNK_REPRESENTATIONS["attn-parts"] == SubChunkPooled()
     lh_jax.LongHeads(chunk_size=64, num_chunks=4, chunk_repr="attn-parts")
     with pytest.raises(ValueError, match="parts must be a positive integer dividing chunk_size=36"):
         lh_jax.LongHeads(chunk_size=36, num_chunks=4, chunk_repr="attn-parts")

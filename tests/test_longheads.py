@@ -335,6 +335,7 @@ BOUNDS = lh(num_chunks=5, dense_length=80, chunk_repr="bounds")  # dense_length 
 ORIGINAL = lh(positions="original")
 GROUP = lh(selection="group")
 PARTS = lh(chunk_repr="attn-parts")  # 8 sub-chunks of 4 tokens
+BEST_KEY = lh(chunk_repr="mean-parts:32")  # one key per part: a chunk scores its best key
 
 
 @pytest.mark.parametrize("attention", [LH, BOUNDS, lh(num_chunks=13)], ids=label)
@@ -362,7 +363,7 @@ def test_model_selections_are_well_formed(gqa, attention):
 
 # --- 5. decode after prefill equals one forward pass -------------------------------------------
 
-@pytest.mark.parametrize("attention", [LH, BOUNDS, ORIGINAL, GROUP, PARTS], ids=label)
+@pytest.mark.parametrize("attention", [LH, BOUNDS, ORIGINAL, GROUP, PARTS, BEST_KEY], ids=label)
 def test_decode_after_prefill_equals_forward(gqa, attention):
     """Prompt 150 (past dense_length, not a chunk multiple), then 150 teacher-forced decode steps
     across the chunk boundaries 160, 192, ..., 288; each step's logits equal forward()'s."""
