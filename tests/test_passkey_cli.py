@@ -251,3 +251,33 @@ def test_bad_input_fails_before_loading_the_model(model_dir, tmp_path, monkeypat
     with pytest.raises(error, match=match):
         lh_jax.cli.main(["passkey", "--model", model_dir, "--out", str(out), "--lengths", "256", *flags])
     assert not out.exists()
+
+
+def test_sweep_matches_the_passkey_command(base, model_dir, tmp_path):
+    """`experiments.passkey_sweep` (all trials of a length in one batch) answers the very prompts of
+    `lh-jax passkey` exactly as the command did (batch of 1)."""
+    from lh_jax.experiments import passkey_sweep
+    _, data = base
+    passkey_sweep.main(["--model", model_dir, "--out", str(tmp_path), "--plan", "150,180=16x4/attn",
+                        "--depths", "0.25,0.75", "--trials", "2"])
+    rows = [json.loads(line) for line in lines(tmp_path / "cells.jsonl")]
+    old = {cell(r): r for r in data["rows"]}
+    assert len(rows) == 8
+    for row in rows:
+        k, r = row["key"], row["result"]
+        o = old["longheads", k["length"], k["depth"], k["trial"]]
+        assert (r["key"], r["answer"], r["correct"]) == (o["key"], o["answer"], o["correct"])
+    assert "| 16x4 attn | 150 |" in (tmp_path / "sweep.md").read_text()
+
+
+@pytest.mark.parametrize("text,match", [
+    ("16x4/median", "bad variant '16x4/median'.*unknown chunk_repr"),
+    ("16x/attn", "bad variant '16x/attn'"),
+    ("16x4/attn/both", "bad variant '16x4/attn/both'.*selection"),
+    ("16x4/attn/head/x", "too many"),
+    ("16x2/attn", "num_chunks=2 is too small"),
+])
+def test_sweep_bad_variants(text, match):
+    from lh_jax.experiments.passkey_sweep import parse_variants
+    with pytest.raises(ValueError, match=match):
+        parse_variants(text)
