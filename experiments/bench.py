@@ -46,28 +46,23 @@ def _prompt(model: str, vocab: int, length: int, text: str = "hamlet", seed: int
     return np.asarray(ids, np.int32)[None]
 
 
-def worker_jax(model: str, length: int, repeats: int, decode_steps: int, attention_spec: dict,
-               text: str = "hamlet") -> dict:
-    import jax
+def measure_jax(params, config, attention, ids, repeats: int, decode_steps: int) -> dict:
+    """Prefill `ids` through a fresh cache (median of `repeats` after a warm-up), then the median of
+    `decode_steps` decode steps; compilation is the warm-up's excess. Also returns the last logits."""
     import jax.numpy as jnp
 
     import lh_jax
     from lh_jax import runtime
-    from lh_jax.methods import MethodSpec
-
-    config, params = lh_jax.load(model, progress=False)
-    config, attention = MethodSpec.from_dict(attention_spec).build(config, length)
-    ids = _prompt(model, config.vocab_size, length, text)
-    capacity = length + decode_steps + 2
+    capacity = ids.shape[1] + decode_steps + 2
 
     def run_prefill():
-        cache = lh_jax.init_cache(config, 1, capacity, attention, runtime.params_dtype(params))
+        cache = lh_jax.init_cache(config, ids.shape[0], capacity, attention, runtime.params_dtype(params))
         t0 = time.perf_counter()
         logits, cache = lh_jax.prefill(params, config, ids, cache, attention)
         logits.block_until_ready()
         return time.perf_counter() - t0, logits, cache
 
-    first, _, _ = run_prefill()
+    first, logits, cache = run_prefill()
     times = []
     for _ in range(repeats):
         logits = cache = None  # release the previous run's cache before allocating the next one
@@ -86,10 +81,24 @@ def worker_jax(model: str, length: int, repeats: int, decode_steps: int, attenti
         logits.block_until_ready()
         step_times.append(time.perf_counter() - t0)
     decode_ms = float(np.median(step_times) * 1e3)
-    return {"impl": "lh-jax", "length": length, "prefill_s": prefill_s, "tokens_per_s": length / prefill_s,
-            "decode_ms": decode_ms,
-            "compile_s": max(0.0, first - prefill_s) + max(0.0, decode_first - decode_ms / 1e3),
-            "peak_rss_gib": _peak_rss_gib(), "backend": jax.default_backend()}
+    return {"prefill_s": prefill_s, "tokens_per_s": ids.shape[1] / prefill_s, "decode_ms": decode_ms,
+            "compile_s": max(0.0, first - prefill_s) + max(0.0, decode_first - decode_ms / 1e3), "logits": logits}
+
+
+def worker_jax(model: str, length: int, repeats: int, decode_steps: int, attention_spec: dict,
+               text: str = "hamlet") -> dict:
+    import jax
+
+    import lh_jax
+    from lh_jax.methods import MethodSpec
+
+    config, params = lh_jax.load(model, progress=False)
+    config, attention = MethodSpec.from_dict(attention_spec).build(config, length)
+    ids = _prompt(model, config.vocab_size, length, text)
+    m = measure_jax(params, config, attention, ids, repeats, decode_steps)
+    m.pop("logits")
+    return {"impl": "lh-jax", "length": length, **m, "peak_rss_gib": _peak_rss_gib(),
+            "backend": jax.default_backend()}
 
 
 def worker_torch(model: str, length: int, repeats: int, decode_steps: int, threads: int,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 import numpy as np
 
@@ -26,16 +25,18 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n
 
 
 def parse_attention(name: str):
-    """'full' or 'CHUNKxNUM[/CHUNK_REPR]' (LongHeads with dense_length = the window)."""
+    """'full' or 'CHUNKxNUM[/CHUNK_REPR][@KERNEL]' (LongHeads with dense_length = the window;
+    KERNEL: dispatch | union, the selective-prefill kernel)."""
     import lh_jax
     if name == "full":
         return lh_jax.FullAttention()
-    head, _, rep = name.partition("/")
+    spec, _, kernel = name.partition("@")
+    head, _, rep = spec.partition("/")
     try:
         cs, nc = (int(x) for x in head.lower().split("x"))
     except ValueError:
-        raise ValueError(f"--attentions: {name!r} is neither 'full' nor CHUNKxNUM[/CHUNK_REPR]") from None
-    return lh_jax.LongHeads(cs, nc, chunk_repr=rep or "attn")
+        raise ValueError(f"--attentions: {name!r} is neither 'full' nor CHUNKxNUM[/CHUNK_REPR][@KERNEL]") from None
+    return lh_jax.LongHeads(cs, nc, chunk_repr=rep or "attn", kernel=kernel or "dispatch")
 
 
 def random_model(args):
@@ -63,43 +64,11 @@ def random_model(args):
 
 
 def time_cell(params, config, attention, length: int, repeats: int, decode_steps: int, seed: int) -> dict:
-    import jax.numpy as jnp
-
-    import lh_jax
-    from lh_jax import runtime
+    from lh_jax.experiments.bench import measure_jax
     ids = np.random.default_rng(seed).integers(3, min(config.vocab_size, 40000), size=(1, length), dtype=np.int32)
-    capacity = length + decode_steps + 2
-
-    def run():
-        cache = lh_jax.init_cache(config, 1, capacity, attention, runtime.params_dtype(params))
-        t0 = time.perf_counter()
-        logits, cache = lh_jax.prefill(params, config, ids, cache, attention)
-        logits.block_until_ready()
-        return time.perf_counter() - t0, logits, cache
-
-    first, logits, cache = run()
-    times = []
-    for _ in range(repeats):
-        logits = cache = None
-        t, logits, cache = run()
-        times.append(t)
-    prefill_s = float(np.median(times))
-    tok = jnp.argmax(logits, -1).astype(jnp.int32)
-    t0 = time.perf_counter()
-    logits, cache = runtime._decode_jit(params, tok, cache, config, attention)
-    logits.block_until_ready()
-    decode_first = time.perf_counter() - t0
-    steps = []
-    for _ in range(decode_steps):
-        t0 = time.perf_counter()
-        logits, cache = runtime._decode_jit(params, tok, cache, config, attention)
-        logits.block_until_ready()
-        steps.append(time.perf_counter() - t0)
-    decode_ms = float(np.median(steps) * 1e3)
-    bad = not bool(np.isfinite(np.asarray(logits, np.float32)).all())
-    return {"prefill_s": prefill_s, "tokens_per_s": length / prefill_s, "decode_ms": decode_ms,
-            "compile_s": max(0.0, first - prefill_s) + max(0.0, decode_first - decode_ms / 1e3),
-            "nonfinite": bad}
+    m = measure_jax(params, config, attention, ids, repeats, decode_steps)
+    m["nonfinite"] = not bool(np.isfinite(np.asarray(m.pop("logits"), np.float32)).all())
+    return m
 
 
 def main(argv=None) -> None:
@@ -112,7 +81,7 @@ def main(argv=None) -> None:
     p.add_argument("--random-weights", action="store_true", help="random parameters of the model's shape")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--lengths", default="4k,8k,16k,32k")
-    p.add_argument("--attentions", default="full,128x16,256x16", help="comma list: full, CHUNKxNUM[/CHUNK_REPR]")
+    p.add_argument("--attentions", default="full,128x16,256x16", help="comma list: full, CHUNKxNUM[/CHUNK_REPR][@dispatch|union]")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--decode-steps", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)

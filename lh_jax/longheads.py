@@ -65,7 +65,8 @@ class LongHeads:
     kernel: the selective-prefill kernel (speed knob; results do not depend on it): "dispatch"
     (chunk-major: each selected (query, chunk) pair computed once, in tiles of `tile_rows` queries
     sharing a chunk) or "union" (per block of `query_block` queries, walk the union of their
-    chunks `tile_chunks` at a time).
+    chunks `tile_chunks` at a time); "auto" (default) takes "dispatch" on the CPU and "union" on
+    GPU/TPU, where it measured faster.
     record_selection: also return the selected chunks as aux output (diagnostics).
     """
 
@@ -77,7 +78,7 @@ class LongHeads:
     positions: Any = "remap"
     selection: str = "head"
     selector: Any = "topk"
-    kernel: str = "dispatch"
+    kernel: str = "auto"
     tile_rows: int = 512
     tile_chunks: int = 8
     query_block: int | None = None
@@ -122,8 +123,8 @@ class LongHeads:
                     or self.selector != "topk"):
                 raise ValueError("LongHeads(reference=True) reproduces the released code: use the default "
                                  "chunk_repr='attn', positions='remap', selection='head'")
-        if self.kernel not in ("dispatch", "union"):
-            raise ValueError(f"LongHeads: unknown kernel {self.kernel!r}; choose 'dispatch' or 'union'")
+        if self.kernel not in ("auto", "dispatch", "union"):
+            raise ValueError(f"LongHeads: unknown kernel {self.kernel!r}; choose 'auto', 'dispatch' or 'union'")
         for name in ("tile_rows", "tile_chunks", "query_block"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v <= 0):
@@ -134,6 +135,14 @@ class LongHeads:
     @property
     def window(self) -> int:
         return self.chunk_size * self.num_chunks
+
+    @property
+    def kernel_name(self) -> str:
+        """The selective-prefill kernel that runs: "auto" is "dispatch" on the CPU (fastest there)
+        and "union" on GPU/TPU (1.8x faster than "dispatch" at 32k on an H200)."""
+        if self.kernel != "auto":
+            return self.kernel
+        return "dispatch" if jax.default_backend() == "cpu" else "union"
 
     @property
     def repr_fn(self):
@@ -249,7 +258,7 @@ class LongHeads:
 
         aux = None
         if Dn < Tl:
-            kernel = self._dispatch_prefill if self.kernel == "dispatch" else self._selective_prefill
+            kernel = self._dispatch_prefill if self.kernel_name == "dispatch" else self._selective_prefill
             sel_out, sel_idx = kernel(q, k_loc, v, reps, n_valid, seq_len, rope, Dn)
             if Dn > 0:
                 first = (Dn // l) * l  # the selective blocks start at a chunk boundary

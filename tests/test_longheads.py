@@ -242,6 +242,12 @@ def test_prefill_speed_knobs_do_not_change_results(gqa, attention):
     assert max_err(logits, base_logits) <= EXACT
 
 
+def test_auto_kernel_follows_the_backend():
+    assert LH.kernel == "auto"
+    assert LH.kernel_name == ("dispatch" if jax.default_backend() == "cpu" else "union")
+    assert lh(kernel="union").kernel_name == "union" and lh(kernel="dispatch").kernel_name == "dispatch"
+
+
 # --- 3. the released code's goldens ---------------------------------------------------------------
 
 REF = LongHeads(chunk_size=64, num_chunks=4, dense_length=256, reference=True, record_selection=True)

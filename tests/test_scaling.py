@@ -14,6 +14,9 @@ def test_parse_attention():
     assert isinstance(scaling.parse_attention("full"), lh_jax.FullAttention)
     lh = scaling.parse_attention("64x8/attn-parts:4")
     assert (lh.chunk_size, lh.num_chunks, lh.chunk_repr) == (64, 8, "attn-parts:4")
+    assert scaling.parse_attention("64x8@union").kernel == "union"
+    with pytest.raises(ValueError, match="unknown kernel"):
+        scaling.parse_attention("64x8@fast")
     with pytest.raises(ValueError, match="'banana' is neither"):
         scaling.parse_attention("banana")
     with pytest.raises(ValueError, match="unknown chunk_repr"):
