@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -106,10 +107,33 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+COMPILE_CACHE_ENV = "LH_JAX_COMPILE_CACHE"
+
+
+def enable_compile_cache(command: str | None) -> str | None:
+    """Keep compiled programs on disk between runs (JAX's persistent compilation cache), so that a
+    rerun of an evaluation skips most compilation. Directory: $LH_JAX_COMPILE_CACHE, default
+    ~/.cache/lh-jax/xla; "off" disables it. Not for `bench`, which reports compile time."""
+    path = os.environ.get(COMPILE_CACHE_ENV, os.path.join(os.path.expanduser("~"), ".cache", "lh-jax", "xla"))
+    if command == "bench" or path.strip().lower() in ("", "off", "none", "0"):
+        return None
+    import jax
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        print(f"[lh-jax] compilation cache disabled: cannot create {path} ({e}); set {COMPILE_CACHE_ENV}",
+              file=sys.stderr)
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return path
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
+    enable_compile_cache(command)
     args.func(args)
 
 

@@ -20,6 +20,9 @@ import numpy as np
 import pytest
 import torch
 
+# the CLI's persistent compilation cache stays off in tests (hermetic; test_cli_cache turns it on)
+os.environ.setdefault("LH_JAX_COMPILE_CACHE", "off")
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 import transformers  # noqa: E402
