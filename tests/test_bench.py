@@ -1,0 +1,21 @@
+"""`lh-jax bench` end to end on a tiny model: one subprocess per cell, LongHeads / lh-jax full /
+transformers rows, each with positive timings and memory (a failed cell would carry an error)."""
+from __future__ import annotations
+
+import json
+
+import lh_jax.cli
+from conftest import save_tiny_with_tokenizer
+
+
+def test_bench_rows(tmp_path):
+    model = save_tiny_with_tokenizer(tmp_path / "m", seed=7)
+    out = tmp_path / "rows.json"
+    lh_jax.cli.main(["bench", "--model", model, "--lengths", "96", "--repeats", "1", "--decode-steps", "2",
+                     "--attention", "longheads", "--windows", "16x4", "--text", "random", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    got = {(r["impl"], r["attention"]) for r in rows}
+    assert got == {("lh-jax", "longheads 16x4"), ("lh-jax", "full"), ("transformers", "full")}, rows
+    for r in rows:
+        assert "error" not in r, r
+        assert r["length"] == 96 and r["prefill_s"] > 0 and r["decode_ms"] > 0 and r["peak_rss_gib"] > 0
