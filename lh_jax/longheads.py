@@ -57,8 +57,8 @@ class LongHeads:
     forced ones included (window = chunk_size * num_chunks). dense_length: the first tokens use
     ordinary causal attention at true positions (default: the window). reference: reproduce the
     authors' released code, defects included (see README). chunk_repr: "attn" | "mean" |
-    "bounds" | "attn-parts" | "mean-parts" | "bounds-parts" ("<name>:P" for P sub-chunks) or an object with build/score/width and an optional
-    check(chunk_size) (see `chunks`). positions: "remap" | "original" or a function.
+    "bounds" | "attn-parts" | "mean-parts" | "bounds-parts" ("<name>:P" for P sub-chunks) or an
+    object with build/score/width and an optional check(chunk_size) (see `chunks`). positions: "remap" | "original" or a function.
     selection: "head" (each query head selects) or "group" (one selection per kv head, scores
     summed over its query heads). selector: "topk" (the paper) | "recent" (chunk 0 + the most
     recent chunks: a sliding-window baseline) or a function like `chunks.select_chunks`.
