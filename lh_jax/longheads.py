@@ -49,6 +49,21 @@ def _take_rows(x, idx, axis):
     return jnp.take_along_axis(x, idx, axis=axis)
 
 
+def _in_chunk_cos_sin(rope, B: int, l: int, seq_len):
+    """cos/sin [B, l, D] of the in-chunk offsets 0..l-1 (the same for every chunk)."""
+    return rope.cos_sin(jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (B, l)), seq_len)
+
+
+def _rotate_in_chunk(x_BTHD, cos_BlD, sin_BlD):
+    """Rotate every token by its offset within its chunk (T a multiple of l): x viewed as
+    [B, T/l, l, H, D], so the cos/sin tables hold one chunk, not T rows."""
+    B, T, H, D = x_BTHD.shape
+    l = cos_BlD.shape[1]
+    xc = x_BTHD.reshape(B * (T // l), l, H, D)
+    rep = lambda t: jnp.broadcast_to(t[:, None], (B, T // l, l, D)).reshape(B * (T // l), l, D)
+    return rotate(xc, rep(cos_BlD), rep(sin_BlD)).reshape(B, T, H, D)
+
+
 @dataclasses.dataclass(frozen=True)
 class LongHeads:
     """LongHeads attention settings; pass as `attention=` to `lh_jax.forward` / `generate`.
@@ -79,7 +94,7 @@ class LongHeads:
     selection: str = "head"
     selector: Any = "topk"
     kernel: str = "auto"
-    tile_rows: int = 512
+    tile_rows: int = 2048
     tile_chunks: int = 8
     query_block: int | None = None
     record_selection: bool = False
@@ -239,9 +254,8 @@ class LongHeads:
         valid = pos[None, :] < n_valid[:, None]  # [B, Tl]
         seq_len = n_valid if rope.rope.rope_type == "dynamic" else None
 
-        offs = jnp.broadcast_to(pos % l, (B, Tl))
-        cs_loc = rope.cos_sin(offs, seq_len)
-        q_loc, k_loc = rotate(q, *cs_loc), rotate(k, *cs_loc)
+        cs_loc = _in_chunk_cos_sin(rope, B, l, seq_len)
+        q_loc, k_loc = _rotate_in_chunk(q, *cs_loc), _rotate_in_chunk(k, *cs_loc)
         chunked = lambda x: x.reshape((B, C, l) + x.shape[2:])
         reps = self._build_reps(chunked(q_loc), chunked(k_loc), chunked(v), valid.reshape(B, C, l))
 
@@ -259,7 +273,7 @@ class LongHeads:
         aux = None
         if Dn < Tl:
             kernel = self._dispatch_prefill if self.kernel_name == "dispatch" else self._selective_prefill
-            sel_out, sel_idx = kernel(q, k_loc, v, reps, n_valid, seq_len, rope, Dn)
+            sel_out, sel_idx = kernel(q, q_loc, k_loc, v, reps, n_valid, seq_len, rope, Dn)
             if Dn > 0:
                 first = (Dn // l) * l  # the selective blocks start at a chunk boundary
                 sel_out = sel_out[:, Dn - first:]
@@ -307,7 +321,7 @@ class LongHeads:
             s = s.reshape(B, H, t, C)
         return s
 
-    def _rotation_tables(self, q, rope, seq_len, Tl):
+    def _rotation_tables(self, q, q_loc, rope, seq_len, Tl):
         """(base queries BHTD, cos/sin tables B R D, index fn): the query of (t, chunk) at distance
         `dist` from the chunk start is base[t] rotated by table[index(dist, o_t)]."""
         B, _, H, D = q.shape
@@ -318,8 +332,7 @@ class LongHeads:
             J = N if self.positions == "remap" else Tl // l
             jl = jnp.broadcast_to(jnp.arange(J, dtype=jnp.int32) * l, (B, J))
             cos_j, sin_j = rope.cos_sin(jl, seq_len)  # B J D
-            offs = jnp.broadcast_to(jnp.arange(Tl, dtype=jnp.int32) % l, (B, Tl))
-            base = rotate(q, *rope.cos_sin(offs, seq_len)).transpose(0, 2, 1, 3)  # BHTD
+            base = q_loc.transpose(0, 2, 1, 3)  # BHTD, rotated by the in-chunk offsets
             # the scale is already in the in-chunk rotation
             return base, cos_j / rope_scale, sin_j / rope_scale, lambda dist, o: jnp.clip((dist - o) // l, 0, J - 1)
         max_dist = Tl + N * l
@@ -327,7 +340,7 @@ class LongHeads:
         cos_t, sin_t = rope.cos_sin(dpos, seq_len)
         return q.transpose(0, 2, 1, 3), cos_t, sin_t, lambda dist, o: jnp.clip(dist, 0, max_dist - 1)
 
-    def _dispatch_prefill(self, q, k_loc, v, reps, n_valid, seq_len, rope, Dn):
+    def _dispatch_prefill(self, q, q_loc, k_loc, v, reps, n_valid, seq_len, rope, Dn):
         """Selective attention, chunk-major: every selected (query, chunk) pair is computed once.
 
         Pass 1 selects chunks for every query (blocks of one chunk of queries). The (head, query)
@@ -353,7 +366,7 @@ class LongHeads:
         own_key = 0 if self.reference else 1
         c_ids = jnp.arange(C, dtype=jnp.int32)
         q_raw = q.transpose(0, 2, 1, 3)  # BHTD
-        base, cos_tab, sin_tab, table_index = self._rotation_tables(q, rope, seq_len, Tl)
+        base, cos_tab, sin_tab, table_index = self._rotation_tables(q, q_loc, rope, seq_len, Tl)
 
         # pass 1: selections, per-block chunk counts, rank of each query among its block's queries
         def select_block(i):
@@ -362,7 +375,7 @@ class LongHeads:
             sel, ok = self.selector_fn(scores, jnp.full(scores.shape[:-1], i, jnp.int32), N, True)  # BHtN
             M = jnp.any((sel[..., :, None] == c_ids) & ok[..., None], axis=-2)  # BHtC
             before = jnp.cumsum(M, axis=2, dtype=jnp.int32) - M  # queries of the block before t with c
-            within = jnp.take_along_axis(before, jnp.minimum(sel, C - 1), axis=-1)  # BHtN
+            within = jnp.take_along_axis(before, jnp.minimum(sel, C - 1), axis=-1, mode="promise_in_bounds")
             return sel, ok, within, jnp.sum(M, axis=2, dtype=jnp.int32)
 
         sel, ok, within, cnt = jax.lax.map(select_block, jnp.arange(c0, C, dtype=jnp.int32))
@@ -414,31 +427,37 @@ class LongHeads:
         b_ix = jnp.arange(B)[:, None, None]
         k_ix = jnp.arange(K)[None, :, None]
 
+        pib = "promise_in_bounds"  # every index below is in range by construction
+
         def tile(i, carry):
             mx, den, acc = carry
             c = tile_chunk[:, :, i]  # B K
             rows = jax.lax.dynamic_slice_in_dim(row_q, i * R, R, axis=2)  # B K R
             rr = jax.lax.dynamic_slice_in_dim(row_rot, i * R, R, axis=2)
-            qv = jnp.take_along_axis(qsel, rows[..., None], axis=2).astype(jnp.float32)  # B K R D
-            qr = (qv * cos_tab[b_ix, rr] + _rot_half(qv) * sin_tab[b_ix, rr]).astype(q.dtype)
+            qv = jnp.take_along_axis(qsel, rows[..., None], axis=2, mode=pib).astype(jnp.float32)  # B K R D
+            cos_r = cos_tab.at[b_ix, rr].get(mode=pib)
+            sin_r = sin_tab.at[b_ix, rr].get(mode=pib)
+            qr = (qv * cos_r + _rot_half(qv) * sin_r).astype(q.dtype)
             cidx = c[:, :, None, None, None]
-            Kc = jnp.take_along_axis(k_c, cidx, axis=2)[:, :, 0]  # B K l D
-            Vc = jnp.take_along_axis(v_c, cidx, axis=2)[:, :, 0]
+            Kc = jnp.take_along_axis(k_c, cidx, axis=2, mode=pib)[:, :, 0]  # B K l D
+            Vc = jnp.take_along_axis(v_c, cidx, axis=2, mode=pib)[:, :, 0]
             s = jnp.einsum("BKRD,BKlD->BKRl", qr, Kc, preferred_element_type=jnp.float32)
             key_pos = c[..., None] * l + o_key  # B K l
             t_row = rows % Tq1
             ok_row = (rows < G * Tq1) & (t_row < Tq)
             mask = ok_row[..., None] & (key_pos[:, :, None, :] < (S0 + t_row + own_key)[..., None])
             s = jnp.where(mask, s * scale, MASK_VALUE)
-            m_old, d_old, a_old = mx[b_ix, k_ix, rows], den[b_ix, k_ix, rows], acc[b_ix, k_ix, rows]
+            get = lambda x: x.at[b_ix, k_ix, rows].get(mode=pib)
+            m_old, d_old, a_old = get(mx), get(den), get(acc)
             m_new = jnp.maximum(m_old, jnp.max(s, axis=-1))
             p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
             corr = jnp.exp(m_old - m_new)
             d_new = d_old * corr + jnp.sum(p, axis=-1)
             a_new = a_old * corr[..., None] + jnp.einsum("BKRl,BKlD->BKRD", p.astype(v.dtype), Vc,
                                                          preferred_element_type=jnp.float32)
-            return (mx.at[b_ix, k_ix, rows].set(m_new), den.at[b_ix, k_ix, rows].set(d_new),
-                    acc.at[b_ix, k_ix, rows].set(a_new))
+            # rows are distinct within a tile except the padding sink row (discarded)
+            put = lambda x, y: x.at[b_ix, k_ix, rows].set(y, mode=pib, unique_indices=True)
+            return put(mx, m_new), put(den, d_new), put(acc, a_new)
 
         def maybe_tile(i, carry):
             return jax.lax.cond(i < n_tiles, lambda c_: tile(i, c_), lambda c_: c_, carry)
@@ -451,7 +470,7 @@ class LongHeads:
         out = out.reshape(B, H, Tq1, D)[:, :, :Tq].transpose(0, 2, 1, 3)  # B Tq H D
         return out, sel
 
-    def _selective_prefill(self, q, k_loc, v, reps, n_valid, seq_len, rope, Dn):
+    def _selective_prefill(self, q, q_loc, k_loc, v, reps, n_valid, seq_len, rope, Dn):
         """Selective attention for all query blocks from chunk Dn // l on; returns [B, T', H, D].
 
         Per block of queries and head, the chunks selected by any of its queries form a union
@@ -480,7 +499,7 @@ class LongHeads:
         q_raw = q.transpose(0, 2, 1, 3)  # BHTD
         o_key = jnp.arange(l, dtype=jnp.int32)
         c_ids = jnp.arange(C, dtype=jnp.int32)
-        base, cos_tab, sin_tab, table_index = self._rotation_tables(q, rope, seq_len, Tl)
+        base, cos_tab, sin_tab, table_index = self._rotation_tables(q, q_loc, rope, seq_len, Tl)
         b_ix = jnp.arange(B)[:, None, None, None]
         own_key = 0 if self.reference else 1  # the released code leaves out the query's own key
 
