@@ -21,6 +21,7 @@ Implementation notes
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from typing import Any, Callable
 
@@ -81,7 +82,8 @@ class LongHeads:
     (chunk-major: each selected (query, chunk) pair computed once, in tiles of `tile_rows` queries
     sharing a chunk) or "union" (per block of `query_block` queries, walk the union of their
     chunks `tile_chunks` at a time); "auto" (default) takes "dispatch" on the CPU and "union" on
-    GPU/TPU, where it measured faster.
+    GPU/TPU, where it measured faster. selection_segments: the dispatch kernel's selection pass
+    runs the query blocks in this many groups, each scoring only the chunks it can see (speed).
     record_selection: also return the selected chunks as aux output (diagnostics).
     """
 
@@ -95,6 +97,7 @@ class LongHeads:
     selector: Any = "topk"
     kernel: str = "auto"
     tile_rows: int = 2048
+    selection_segments: int = 4
     tile_chunks: int = 8
     query_block: int | None = None
     record_selection: bool = False
@@ -140,7 +143,7 @@ class LongHeads:
                                  "chunk_repr='attn', positions='remap', selection='head'")
         if self.kernel not in ("auto", "dispatch", "union"):
             raise ValueError(f"LongHeads: unknown kernel {self.kernel!r}; choose 'auto', 'dispatch' or 'union'")
-        for name in ("tile_rows", "tile_chunks", "query_block"):
+        for name in ("tile_rows", "tile_chunks", "query_block", "selection_segments"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v <= 0):
                 raise ValueError(f"LongHeads: {name} must be a positive integer or None, got {v!r}")
@@ -368,17 +371,25 @@ class LongHeads:
         q_raw = q.transpose(0, 2, 1, 3)  # BHTD
         base, cos_tab, sin_tab, table_index = self._rotation_tables(q, q_loc, rope, seq_len, Tl)
 
-        # pass 1: selections, per-block chunk counts, rank of each query among its block's queries
-        def select_block(i):
+        # pass 1: selections, per-block chunk counts, rank of each query among its block's queries.
+        # Query block i can only select chunks 0..i, so the blocks run in a few segments, each
+        # scoring and ranking only the chunks its last block can see (top_k's cost grows
+        # faster than linearly with the width).
+        def select_block(i, width):
             qb = jax.lax.dynamic_slice_in_dim(q_raw, i * l, l, axis=2)  # BHtD
-            scores = self._scores(qb, reps, H, K)
+            scores = self._scores(qb, reps[:, :, :width], H, K)
             sel, ok = self.selector_fn(scores, jnp.full(scores.shape[:-1], i, jnp.int32), N, True)  # BHtN
-            M = jnp.any((sel[..., :, None] == c_ids) & ok[..., None], axis=-2)  # BHtC
+            M = jnp.any((sel[..., :, None] == c_ids[:width]) & ok[..., None], axis=-2)  # BHtW
             before = jnp.cumsum(M, axis=2, dtype=jnp.int32) - M  # queries of the block before t with c
-            within = jnp.take_along_axis(before, jnp.minimum(sel, C - 1), axis=-1, mode="promise_in_bounds")
-            return sel, ok, within, jnp.sum(M, axis=2, dtype=jnp.int32)
+            within = jnp.take_along_axis(before, jnp.minimum(sel, width - 1), axis=-1, mode="promise_in_bounds")
+            cnt = jnp.pad(jnp.sum(M, axis=2, dtype=jnp.int32), ((0, 0), (0, 0), (0, C - width)))
+            return jnp.where(ok, sel, C), ok, within, cnt
 
-        sel, ok, within, cnt = jax.lax.map(select_block, jnp.arange(c0, C, dtype=jnp.int32))
+        n_seg = min(self.selection_segments, nb)
+        bounds = [c0 + (nb * j) // n_seg for j in range(n_seg + 1)]
+        outs = [jax.lax.map(functools.partial(select_block, width=b), jnp.arange(a, b, dtype=jnp.int32))
+                for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        sel, ok, within, cnt = (jnp.concatenate(x, axis=0) for x in zip(*outs))
         flat = lambda x: x.transpose(1, 2, 0, 3, 4).reshape(B, H, Tq, N)  # nb B H l N -> B H Tq N
         sel, ok, within = flat(sel), flat(ok), flat(within)
         # order of the pairs of (kv head, chunk): block, then query head, then query

@@ -231,7 +231,10 @@ def test_fewer_chunks_is_not_full_attention(gqa):
     lh(kernel="union", tile_chunks=3, query_block=16),  # tiles that do not divide the number of chunks
     lh(tile_rows=7),  # chunk-major tiles of 7 rows: many partial tiles
     lh(tile_rows=1),  # one (head, query) pair per tile
-], ids=["union-tile1-qb8", "union-tile64", "union-tile3-qb16", "dispatch-rows7", "dispatch-rows1"])
+    lh(selection_segments=1),  # every query block scores all chunks
+    lh(selection_segments=3, tile_rows=64),  # uneven selection segments
+], ids=["union-tile1-qb8", "union-tile64", "union-tile3-qb16", "dispatch-rows7", "dispatch-rows1", "dispatch-seg1",
+        "dispatch-seg3-rows64"])
 def test_prefill_speed_knobs_do_not_change_results(gqa, attention):
     """The two prefill kernels (chunk-major dispatch, the default, and per-block union walks) are
     independent implementations, and their knobs only change the tiling; the selections
@@ -549,6 +552,7 @@ def test_group_selection_is_shared_within_kv_groups(gqa):
     (dict(chunk_size=32, num_chunks=4, kernel="flash"), "kernel"),
     (dict(chunk_size=32, num_chunks=4, tile_rows=0), "tile_rows"),
     (dict(chunk_size=32, num_chunks=4, tile_chunks=-1), "tile_chunks"),
+    (dict(chunk_size=32, num_chunks=4, selection_segments=0), "selection_segments"),
 ])
 def test_bad_settings_raise_at_construction(kwargs, name):
     with nothing_compiles(), pytest.raises(ValueError, match=name):
