@@ -83,7 +83,8 @@ class LongHeads:
     sharing a chunk) or "union" (per block of `query_block` queries, walk the union of their
     chunks `tile_chunks` at a time); "auto" (default) takes "dispatch" on the CPU and "union" on
     GPU/TPU, where it measured faster. selection_segments: the dispatch kernel's selection pass
-    runs the query blocks in this many groups, each scoring only the chunks it can see (speed).
+    runs the query blocks in this many groups, each scoring only the chunks it can see (speed;
+    default: 4 from 128 chunks on, else 1, since each group is compiled separately).
     record_selection: also return the selected chunks as aux output (diagnostics).
     """
 
@@ -97,7 +98,7 @@ class LongHeads:
     selector: Any = "topk"
     kernel: str = "auto"
     tile_rows: int = 2048
-    selection_segments: int = 4
+    selection_segments: int | None = None
     tile_chunks: int = 8
     query_block: int | None = None
     record_selection: bool = False
@@ -385,7 +386,8 @@ class LongHeads:
             cnt = jnp.pad(jnp.sum(M, axis=2, dtype=jnp.int32), ((0, 0), (0, 0), (0, C - width)))
             return jnp.where(ok, sel, C), ok, within, cnt
 
-        n_seg = min(self.selection_segments, nb)
+        n_seg = self.selection_segments or (4 if C >= 128 else 1)
+        n_seg = min(n_seg, nb)
         bounds = [c0 + (nb * j) // n_seg for j in range(n_seg + 1)]
         outs = [jax.lax.map(functools.partial(select_block, width=b), jnp.arange(a, b, dtype=jnp.int32))
                 for a, b in zip(bounds[:-1], bounds[1:]) if b > a]

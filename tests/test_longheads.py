@@ -231,9 +231,9 @@ def test_fewer_chunks_is_not_full_attention(gqa):
     lh(kernel="union", tile_chunks=3, query_block=16),  # tiles that do not divide the number of chunks
     lh(tile_rows=7),  # chunk-major tiles of 7 rows: many partial tiles
     lh(tile_rows=1),  # one (head, query) pair per tile
-    lh(selection_segments=1),  # every query block scores all chunks
+    lh(selection_segments=4),  # query blocks in 4 groups, each scoring the chunks it can see
     lh(selection_segments=3, tile_rows=64),  # uneven selection segments
-], ids=["union-tile1-qb8", "union-tile64", "union-tile3-qb16", "dispatch-rows7", "dispatch-rows1", "dispatch-seg1",
+], ids=["union-tile1-qb8", "union-tile64", "union-tile3-qb16", "dispatch-rows7", "dispatch-rows1", "dispatch-seg4",
         "dispatch-seg3-rows64"])
 def test_prefill_speed_knobs_do_not_change_results(gqa, attention):
     """The two prefill kernels (chunk-major dispatch, the default, and per-block union walks) are
