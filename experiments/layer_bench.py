@@ -67,8 +67,7 @@ def main(argv=None) -> None:
 
     import lh_jax
     from lh_jax.experiments.bench import parse_lengths
-    from lh_jax.experiments.scaling import SMOLLM2_135M, parse_attention
-    from lh_jax.models.config import RopeConfig
+    from lh_jax.experiments.scaling import parse_attention, smollm2_config
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", default="4k,16k", help="sequence lengths, e.g. 4k,16k,32k")
     p.add_argument("--attentions", default="full,128x16,256x16",
@@ -95,9 +94,9 @@ def main(argv=None) -> None:
         if isinstance(a, lh_jax.LongHeads) and knobs:
             a = dataclasses.replace(a, **knobs)
         attentions.append((name.strip(), a))
-    c = dict(SMOLLM2_135M, num_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.head_dim,
-             hidden_size=args.heads * args.head_dim, max_position_embeddings=max(8192, max(lengths)))
-    config = lh_jax.ModelConfig(rope=RopeConfig(theta=c.pop("rope_theta")), **c)
+    config = smollm2_config(num_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.head_dim,
+                            hidden_size=args.heads * args.head_dim,
+                            max_position_embeddings=max(8192, max(lengths)))
     dev = jax.devices()[0]
     print(f"# one layer's attention prefill — {dev.platform} ({dev.device_kind}), {args.heads} query / "
           f"{args.kv_heads} kv heads, head_dim {args.head_dim}, float32, median of {args.repeats}"

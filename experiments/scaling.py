@@ -39,16 +39,22 @@ def parse_attention(name: str):
     return lh_jax.LongHeads(cs, nc, chunk_repr=rep or "attn", kernel=kernel or "dispatch")
 
 
+def smollm2_config(**overrides):
+    """A ModelConfig of the embedded model's shape (SMOLLM2_135M), with fields overridden."""
+    import lh_jax
+    from lh_jax.models.config import RopeConfig
+    c = dict(SMOLLM2_135M, **overrides)
+    return lh_jax.ModelConfig(rope=RopeConfig(theta=c.pop("rope_theta")), **c)
+
+
 def random_model(args):
     import jax
     import jax.numpy as jnp
 
     import lh_jax
-    from lh_jax.models.config import RopeConfig
     from lh_jax.models.llama import param_shapes
     if args.model == "default":
-        c = dict(SMOLLM2_135M)
-        config = lh_jax.ModelConfig(rope=RopeConfig(theta=c.pop("rope_theta")), **c)
+        config = smollm2_config()
     else:
         config, _ = lh_jax.load(args.model, dtype=args.dtype, progress=False)
     shapes = param_shapes(config, args.dtype)

@@ -74,7 +74,8 @@ class LongHeads:
     ordinary causal attention at true positions (default: the window). reference: reproduce the
     authors' released code, defects included (see README). chunk_repr: "attn" | "mean" |
     "bounds" | "attn-parts" | "mean-parts" | "bounds-parts" ("<name>:P" for P sub-chunks) or an
-    object with build/score/width and an optional check(chunk_size) (see `chunks`). positions: "remap" | "original" or a function.
+    object with build/score/width and an optional check(chunk_size) (see `chunks`).
+    positions: "remap" | "original" or a function.
     selection: "head" (each query head selects) or "group" (one selection per kv head, scores
     summed over its query heads). selector: "topk" (the paper) | "recent" (chunk 0 + the most
     recent chunks: a sliding-window baseline) or a function like `chunks.select_chunks`.
@@ -245,7 +246,7 @@ class LongHeads:
     def _prefill(self, q, k, v, rope, ctx: AttentionContext, with_cache: bool):
         B, T, H, D = q.shape
         K = k.shape[2]
-        l, N = self.chunk_size, self.num_chunks
+        l = self.chunk_size
         n_valid = jnp.sum(ctx.token_mask, axis=1).astype(jnp.int32)  # [B]
         # to position space: row b's position p sits at index p
         to_pos = (jnp.arange(T, dtype=jnp.int32)[None, :] + ctx.pad[:, None]) % T
