@@ -32,8 +32,9 @@ from lh_jax.chunks import POSITION_SCHEMES, SELECTORS, chunk_repr_from_name
 from lh_jax.models.attention import (MASK_VALUE, AttentionContext, _group, _ungroup, attend_stats,
                                      merge_stats, self_attention_stats)
 from lh_jax.models.config import ModelConfig
-from lh_jax.models.rope import rotate
 
+
+SELECT_QUERIES = 2 ** 17  # selection pass: (query x chunk) pairs scored per step, over a few blocks
 
 def _rot_half(x):
     h = x.shape[-1] // 2
@@ -55,14 +56,14 @@ def _in_chunk_cos_sin(rope, B: int, l: int, seq_len):
     return rope.cos_sin(jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (B, l)), seq_len)
 
 
-def _rotate_in_chunk(x_BTHD, cos_BlD, sin_BlD):
-    """Rotate every token by its offset within its chunk (T a multiple of l): x viewed as
-    [B, T/l, l, H, D], so the cos/sin tables hold one chunk, not T rows."""
-    B, T, H, D = x_BTHD.shape
+def _rotate_in_chunk(x_BHTD, cos_BlD, sin_BlD):
+    """Rotate every token of head-major x by its offset within its chunk (T a multiple of l):
+    x viewed as [B, H, T/l, l, D], so the cos/sin tables hold one chunk, not T rows."""
+    B, H, T, D = x_BHTD.shape
     l = cos_BlD.shape[1]
-    xc = x_BTHD.reshape(B * (T // l), l, H, D)
-    rep = lambda t: jnp.broadcast_to(t[:, None], (B, T // l, l, D)).reshape(B * (T // l), l, D)
-    return rotate(xc, rep(cos_BlD), rep(sin_BlD)).reshape(B, T, H, D)
+    xc = x_BHTD.reshape(B, H, T // l, l, D).astype(jnp.float32)
+    out = _rotate_by(xc, cos_BlD[:, None, None], sin_BlD[:, None, None])
+    return out.astype(x_BHTD.dtype).reshape(B, H, T, D)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,26 +260,29 @@ class LongHeads:
         valid = pos[None, :] < n_valid[:, None]  # [B, Tl]
         seq_len = n_valid if rope.rope.rope_type == "dynamic" else None
 
+        # head-major [B, H|K, Tl, D] from here on: one transpose per tensor, and every consumer
+        # below (chunk summaries, dense part, kernels, cache) reads whole chunks of one head
+        qh, kh, vh = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
         cs_loc = _in_chunk_cos_sin(rope, B, l, seq_len)
-        q_loc, k_loc = _rotate_in_chunk(q, *cs_loc), _rotate_in_chunk(k, *cs_loc)
-        chunked = lambda x: x.reshape((B, C, l) + x.shape[2:])
-        reps = self._build_reps(chunked(q_loc), chunked(k_loc), chunked(v), valid.reshape(B, C, l))
+        qh_loc, kh_loc = _rotate_in_chunk(qh, *cs_loc), _rotate_in_chunk(kh, *cs_loc)
+        chunked = lambda x: x.reshape(B, x.shape[1], C, l, D).transpose(0, 2, 3, 1, 4)  # BCtHD
+        reps = self._build_reps(chunked(qh_loc), chunked(kh_loc), chunked(vh), valid.reshape(B, C, l))
 
         # dense part: ordinary causal attention at true positions
         Dn = min(self.dense_length, Tl)
         outs = []
         if Dn > 0:
             p_true = jnp.broadcast_to(pos[:Dn], (B, Dn))
-            cs = rope.cos_sin(p_true, seq_len)
-            qd, kd = rotate(q[:, :Dn], *cs), rotate(k[:, :Dn], *cs)
-            dense, _ = self_attention_stats(_group(qd, K), kd.transpose(0, 2, 1, 3), v[:, :Dn].transpose(0, 2, 1, 3),
+            cos, sin = rope.cos_sin(p_true, seq_len)  # B Dn D
+            rot = lambda x: _rotate_by(x[:, :, :Dn].astype(jnp.float32), cos[:, None], sin[:, None]).astype(x.dtype)
+            dense, _ = self_attention_stats(rot(qh).reshape(B, K, H // K, Dn, D), rot(kh), vh[:, :, :Dn],
                                             valid[:, :Dn])
             outs.append(_ungroup(dense).astype(q.dtype))
 
         aux = None
         if Dn < Tl:
             kernel = self._dispatch_prefill if self.kernel_name == "dispatch" else self._selective_prefill
-            sel_out, sel_idx = kernel(q, q_loc, k_loc, v, reps, n_valid, seq_len, rope, Dn)
+            sel_out, sel_idx = kernel(qh, qh_loc, kh_loc, vh, reps, n_valid, seq_len, rope, Dn)
             if Dn > 0:
                 first = (Dn // l) * l  # the selective blocks start at a chunk boundary
                 sel_out = sel_out[:, Dn - first:]
@@ -292,19 +296,20 @@ class LongHeads:
         if not with_cache:
             return out, None, aux
         last_chunk = jnp.minimum(n_valid // l, C - 1)  # the chunk the next token lands in
-        q_chunks = chunked(q_loc)  # BCtHD
-        qbuf = _take_rows(q_chunks, last_chunk[:, None], 1)[:, 0].transpose(0, 2, 1, 3)  # BHtD
+        q_chunks = qh_loc.reshape(B, H, C, l, D)
+        qbuf = jnp.take_along_axis(q_chunks, last_chunk[:, None, None, None, None], axis=2)[:, :, 0]  # BHtD
         if not self.repr_fn.needs_queries:
             qbuf = qbuf[:, :, :0]
-        writes = {"k": k_loc.transpose(0, 2, 1, 3), "v": v.transpose(0, 2, 1, 3), "reps": reps, "qbuf": qbuf}
+        writes = {"k": kh_loc, "v": vh, "reps": reps, "qbuf": qbuf}
         return out, writes, aux
 
-    def _build_reps(self, q_BCtHD, k_BCtKD, v_BCtKD, valid_BCt, block: int = 16):
-        """The chunk representations, `block` chunks at a time (lax.map), so that a representation
-        with per-chunk intermediates (the paper's in-chunk [l x l] attention) never holds them for
-        every chunk at once. Padding chunks are all-invalid and dropped."""
-        B, C = q_BCtHD.shape[:2]
-        cb = min(C, block)
+    def _build_reps(self, q_BCtHD, k_BCtKD, v_BCtKD, valid_BCt, block_tokens: int = 4096):
+        """The chunk representations, whole chunks of about `block_tokens` tokens at a time
+        (lax.map), so that a representation with per-chunk intermediates (the paper's in-chunk
+        [l x l] attention) never holds them for every chunk at once. Padding chunks are
+        all-invalid and dropped."""
+        B, C, l = q_BCtHD.shape[:3]
+        cb = min(C, max(1, block_tokens // l))
         nb = -(-C // cb)
         if nb == 1:
             return self.repr_fn.build(q_BCtHD, k_BCtKD, v_BCtKD, valid_BCt)
@@ -326,10 +331,11 @@ class LongHeads:
             s = s.reshape(B, H, t, C)
         return s
 
-    def _rotation_tables(self, q, q_loc, rope, seq_len, Tl):
+    def _rotation_tables(self, qh, qh_loc, rope, seq_len, Tl):
         """(base queries BHTD, cos/sin tables B R D, index fn): the query of (t, chunk) at distance
-        `dist` from the chunk start is base[t] rotated by table[index(dist, o_t)]."""
-        B, _, H, D = q.shape
+        `dist` from the chunk start is base[t] rotated by table[index(dist, o_t)]. qh, qh_loc: the
+        head-major queries, raw and rotated by their in-chunk offsets."""
+        B = qh.shape[0]
         l, N = self.chunk_size, self.num_chunks
         _, rope_scale = rope.static_inv_freq()
         if self.positions in ("remap", "original"):
@@ -337,15 +343,15 @@ class LongHeads:
             J = N if self.positions == "remap" else Tl // l
             jl = jnp.broadcast_to(jnp.arange(J, dtype=jnp.int32) * l, (B, J))
             cos_j, sin_j = rope.cos_sin(jl, seq_len)  # B J D
-            base = q_loc.transpose(0, 2, 1, 3)  # BHTD, rotated by the in-chunk offsets
+            base = qh_loc  # BHTD, rotated by the in-chunk offsets
             # the scale is already in the in-chunk rotation
             return base, cos_j / rope_scale, sin_j / rope_scale, lambda dist, o: jnp.clip((dist - o) // l, 0, J - 1)
         max_dist = Tl + N * l
         dpos = jnp.broadcast_to(jnp.arange(max_dist, dtype=jnp.int32), (B, max_dist))
         cos_t, sin_t = rope.cos_sin(dpos, seq_len)
-        return q.transpose(0, 2, 1, 3), cos_t, sin_t, lambda dist, o: jnp.clip(dist, 0, max_dist - 1)
+        return qh, cos_t, sin_t, lambda dist, o: jnp.clip(dist, 0, max_dist - 1)
 
-    def _dispatch_prefill(self, q, q_loc, k_loc, v, reps, n_valid, seq_len, rope, Dn):
+    def _dispatch_prefill(self, qh, qh_loc, kh_loc, vh, reps, n_valid, seq_len, rope, Dn):
         """Selective attention, chunk-major: every selected (query, chunk) pair is computed once.
 
         Pass 1 selects chunks for every query (blocks of one chunk of queries). The (head, query)
@@ -356,8 +362,8 @@ class LongHeads:
         into each (head, query)'s running softmax. Cost ~ T·num_chunks·chunk_size whatever the
         selections (plus at most one partial tile per chunk). Exact.
         """
-        B, Tl, H, D = q.shape
-        K = k_loc.shape[2]
+        B, H, Tl, D = qh.shape
+        K = kh_loc.shape[1]
         G = H // K
         l, N = self.chunk_size, self.num_chunks
         C = Tl // l
@@ -370,8 +376,8 @@ class LongHeads:
         scale = D ** -0.5
         own_key = 0 if self.reference else 1
         c_ids = jnp.arange(C, dtype=jnp.int32)
-        q_raw = q.transpose(0, 2, 1, 3)  # BHTD
-        base, cos_tab, sin_tab, table_index = self._rotation_tables(q, q_loc, rope, seq_len, Tl)
+        q_raw = qh
+        base, cos_tab, sin_tab, table_index = self._rotation_tables(qh, qh_loc, rope, seq_len, Tl)
 
         # pass 1: selections, per-block chunk counts, rank of each query among its block's queries.
         # Query block i can only select chunks 0..i, so the blocks run in a few segments, each
@@ -390,7 +396,12 @@ class LongHeads:
         n_seg = self.selection_segments or (4 if C >= 128 else 1)
         n_seg = min(n_seg, nb)
         bounds = [c0 + (nb * j) // n_seg for j in range(n_seg + 1)]
-        outs = [jax.lax.map(functools.partial(select_block, width=b), jnp.arange(a, b, dtype=jnp.int32))
+        def batch(n, width):  # blocks per step: a divisor of n (one compiled body), ~SELECT_QUERIES pairs
+            cap = max(1, SELECT_QUERIES // (l * width))
+            return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
+
+        outs = [jax.lax.map(functools.partial(select_block, width=b), jnp.arange(a, b, dtype=jnp.int32),
+                            batch_size=batch(b - a, b))
                 for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
         sel, ok, within, cnt = (jnp.concatenate(x, axis=0) for x in zip(*outs))
         flat = lambda x: x.transpose(1, 2, 0, 3, 4).reshape(B, H, Tq, N)  # nb B H l N -> B H Tq N
@@ -433,8 +444,8 @@ class LongHeads:
         tile_chunk = jnp.minimum(tile_chunk, C - 1)  # B K nT
 
         # pass 2: walk the tiles with a running softmax per (head, query); row G·Tq1 is a sink
-        k_c = k_loc.reshape(B, C, l, K, D).transpose(0, 3, 1, 2, 4)  # BKClD
-        v_c = v.reshape(B, C, l, K, D).transpose(0, 3, 1, 2, 4)
+        k_c = kh_loc.reshape(B, K, C, l, D)
+        v_c = vh.reshape(B, K, C, l, D)
         qsel = jnp.pad(jax.lax.dynamic_slice_in_dim(base, S0, Tq, axis=2), ((0, 0), (0, 0), (0, 1), (0, 0)))
         qsel = jnp.pad(qsel.reshape(B, K, G * Tq1, D), ((0, 0), (0, 0), (0, 1), (0, 0)))  # B K (G·Tq1 + 1) D
         o_key = jnp.arange(l, dtype=jnp.int32)
@@ -451,7 +462,7 @@ class LongHeads:
             qv = jnp.take_along_axis(qsel, rows[..., None], axis=2, mode=pib).astype(jnp.float32)  # B K R D
             cos_r = cos_tab.at[b_ix, rr].get(mode=pib)
             sin_r = sin_tab.at[b_ix, rr].get(mode=pib)
-            qr = (qv * cos_r + _rot_half(qv) * sin_r).astype(q.dtype)
+            qr = (qv * cos_r + _rot_half(qv) * sin_r).astype(qh.dtype)
             cidx = c[:, :, None, None, None]
             Kc = jnp.take_along_axis(k_c, cidx, axis=2, mode=pib)[:, :, 0]  # B K l D
             Vc = jnp.take_along_axis(v_c, cidx, axis=2, mode=pib)[:, :, 0]
@@ -467,7 +478,7 @@ class LongHeads:
             p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
             corr = jnp.exp(m_old - m_new)
             d_new = d_old * corr + jnp.sum(p, axis=-1)
-            a_new = a_old * corr[..., None] + jnp.einsum("BKRl,BKlD->BKRD", p.astype(v.dtype), Vc,
+            a_new = a_old * corr[..., None] + jnp.einsum("BKRl,BKlD->BKRD", p.astype(vh.dtype), Vc,
                                                          preferred_element_type=jnp.float32)
             # rows are distinct within a tile except the padding sink row (discarded)
             put = lambda x, y: x.at[b_ix, k_ix, rows].set(y, mode=pib, unique_indices=True)
@@ -484,7 +495,7 @@ class LongHeads:
         out = out.reshape(B, H, Tq1, D)[:, :, :Tq].transpose(0, 2, 1, 3)  # B Tq H D
         return out, sel
 
-    def _selective_prefill(self, q, q_loc, k_loc, v, reps, n_valid, seq_len, rope, Dn):
+    def _selective_prefill(self, qh, qh_loc, kh_loc, vh, reps, n_valid, seq_len, rope, Dn):
         """Selective attention for all query blocks from chunk Dn // l on; returns [B, T', H, D].
 
         Per block of queries and head, the chunks selected by any of its queries form a union
@@ -493,8 +504,8 @@ class LongHeads:
         unless the query selected the chunk. Tiles past the largest union of the block are skipped,
         so the cost follows the actual union (never the whole context) and the result is exact.
         """
-        B, Tl, H, D = q.shape
-        K = k_loc.shape[2]
+        B, H, Tl, D = qh.shape
+        K = kh_loc.shape[1]
         G = H // K
         l, N = self.chunk_size, self.num_chunks
         C = Tl // l
@@ -508,12 +519,12 @@ class LongHeads:
         u = max(1, min(self.tile_chunks, C))
         n_tiles_max = -(-C // u)
         # keys / values by chunk, per kv head: BKClD
-        k_c = k_loc.reshape(B, C, l, K, D).transpose(0, 3, 1, 2, 4)
-        v_c = v.reshape(B, C, l, K, D).transpose(0, 3, 1, 2, 4)
-        q_raw = q.transpose(0, 2, 1, 3)  # BHTD
+        k_c = kh_loc.reshape(B, K, C, l, D)
+        v_c = vh.reshape(B, K, C, l, D)
+        q_raw = qh
         o_key = jnp.arange(l, dtype=jnp.int32)
         c_ids = jnp.arange(C, dtype=jnp.int32)
-        base, cos_tab, sin_tab, table_index = self._rotation_tables(q, q_loc, rope, seq_len, Tl)
+        base, cos_tab, sin_tab, table_index = self._rotation_tables(qh, qh_loc, rope, seq_len, Tl)
         b_ix = jnp.arange(B)[:, None, None, None]
         own_key = 0 if self.reference else 1  # the released code leaves out the query's own key
 
@@ -553,7 +564,7 @@ class LongHeads:
                 slot = jnp.take_along_axis(rank, gi, axis=-1)
                 dist = position_fn(slot, ids[:, :, None, :], cur, n_sel[..., None], o_q[None, None, :, None], l)
                 rr = table_index(dist, o_q[None, None, :, None]).transpose(0, 1, 3, 2)  # BHut
-                qr = _rotate_by(qv, cos_tab[b_ix, rr], sin_tab[b_ix, rr]).astype(q.dtype)  # BHutD
+                qr = _rotate_by(qv, cos_tab[b_ix, rr], sin_tab[b_ix, rr]).astype(qh.dtype)  # BHutD
                 s = jnp.einsum("BHutD,BHuoD->BHuto", qr, Ku, preferred_element_type=jnp.float32)
                 key_pos = ids[..., None] * l + o_key  # BHuo
                 mask = (m_tu.transpose(0, 1, 3, 2)[..., None]
@@ -563,7 +574,7 @@ class LongHeads:
                 p = jnp.where(mask, jnp.exp(s - new_mx[:, :, None, :, None]), 0.0)
                 corr = jnp.exp(mx - new_mx)
                 den = den * corr + jnp.sum(p, axis=(2, 4))
-                pv = jnp.einsum("BHuto,BHuoD->BHtD", p.astype(v.dtype), Vu, preferred_element_type=jnp.float32)
+                pv = jnp.einsum("BHuto,BHuoD->BHtD", p.astype(vh.dtype), Vu, preferred_element_type=jnp.float32)
                 return new_mx, den, acc * corr[..., None] + pv
 
             def maybe_tile(j, carry):
