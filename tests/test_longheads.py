@@ -245,6 +245,23 @@ def test_prefill_speed_knobs_do_not_change_results(gqa, attention):
     assert max_err(logits, base_logits) <= EXACT
 
 
+@pytest.mark.parametrize("blocks_per_step", [1, 2])
+def test_selection_pass_in_several_steps(gqa, monkeypatch, blocks_per_step):
+    """The dispatch kernel's selection pass scores a few query blocks per lax.map step (a divisor
+    of the blocks, from a budget of scored (query, chunk) pairs). The budget only changes how the
+    blocks are batched: with one or two blocks per step, the selections and logits are those of
+    the default (all blocks of this short sequence in one step)."""
+    from lh_jax import longheads
+    C = -(-T_LONG // LH.chunk_size)  # chunks after padding: the selection width
+    monkeypatch.setattr(longheads, "SELECT_QUERIES", blocks_per_step * LH.chunk_size * C)
+    # tile_rows makes this configuration distinct, so it is traced anew under the patched budget
+    attention = lh(tile_rows=2048 + blocks_per_step)
+    base_logits, base_sel = run_forward(gqa, LH)
+    logits, sel = run_forward(gqa, attention)
+    np.testing.assert_array_equal(sel, base_sel)
+    assert max_err(logits, base_logits) <= EXACT
+
+
 def test_auto_kernel_follows_the_backend():
     assert LH.kernel == "auto"
     assert LH.kernel_name == ("dispatch" if jax.default_backend() == "cpu" else "union")
