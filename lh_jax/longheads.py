@@ -80,7 +80,9 @@ class LongHeads:
     selection: "head" (each query head selects) or "group" (one selection per kv head, scores
     summed over its query heads). selector: "topk" (the paper) | "recent" (chunk 0 + the most
     recent chunks: a sliding-window baseline) or a function like `chunks.select_chunks`.
-    kernel: the selective-prefill kernel (speed knob; results do not depend on it): "dispatch"
+    kernel: the selective-prefill kernel (speed knob; the same results up to float rounding —
+    though in a deep model rounding can flip a near-tied chunk choice in a later layer: on the
+    default model at 4k, tile_rows 1024 vs 2048 moved the logits by up to 1.4e-2): "dispatch"
     (chunk-major: each selected (query, chunk) pair computed once, in tiles of `tile_rows` queries
     sharing a chunk) or "union" (per block of `query_block` queries, walk the union of their
     chunks `tile_chunks` at a time); "auto" (default) takes "dispatch" on the CPU and "union" on
