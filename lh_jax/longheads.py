@@ -36,6 +36,7 @@ from lh_jax.models.config import ModelConfig
 
 SELECT_QUERIES = 2 ** 17  # selection pass: (query x chunk) pairs scored per step, over a few blocks
 
+
 def _rot_half(x):
     h = x.shape[-1] // 2
     return jnp.concatenate([-x[..., h:], x[..., :h]], axis=-1)
@@ -43,6 +44,11 @@ def _rot_half(x):
 
 def _rotate_by(x, cos, sin):
     return x * cos + _rot_half(x) * sin
+
+
+def _rotate_f32(x, cos, sin):
+    """RoPE rotation computed in float32, returned in x's dtype."""
+    return _rotate_by(x.astype(jnp.float32), cos, sin).astype(x.dtype)
 
 
 def _take_rows(x, idx, axis):
@@ -61,9 +67,8 @@ def _rotate_in_chunk(x_BHTD, cos_BlD, sin_BlD):
     x viewed as [B, H, T/l, l, D], so the cos/sin tables hold one chunk, not T rows."""
     B, H, T, D = x_BHTD.shape
     l = cos_BlD.shape[1]
-    xc = x_BHTD.reshape(B, H, T // l, l, D).astype(jnp.float32)
-    out = _rotate_by(xc, cos_BlD[:, None, None], sin_BlD[:, None, None])
-    return out.astype(x_BHTD.dtype).reshape(B, H, T, D)
+    out = _rotate_f32(x_BHTD.reshape(B, H, T // l, l, D), cos_BlD[:, None, None], sin_BlD[:, None, None])
+    return out.reshape(B, H, T, D)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,7 +281,7 @@ class LongHeads:
         if Dn > 0:
             p_true = jnp.broadcast_to(pos[:Dn], (B, Dn))
             cos, sin = rope.cos_sin(p_true, seq_len)  # B Dn D
-            rot = lambda x: _rotate_by(x[:, :, :Dn].astype(jnp.float32), cos[:, None], sin[:, None]).astype(x.dtype)
+            rot = lambda x: _rotate_f32(x[:, :, :Dn], cos[:, None], sin[:, None])
             dense, _ = self_attention_stats(rot(qh).reshape(B, K, H // K, Dn, D), rot(kh), vh[:, :, :Dn],
                                             valid[:, :Dn])
             outs.append(_ungroup(dense).astype(q.dtype))
@@ -378,7 +383,6 @@ class LongHeads:
         scale = D ** -0.5
         own_key = 0 if self.reference else 1
         c_ids = jnp.arange(C, dtype=jnp.int32)
-        q_raw = qh
         base, cos_tab, sin_tab, table_index = self._rotation_tables(qh, qh_loc, rope, seq_len, Tl)
 
         # pass 1: selections, per-block chunk counts, rank of each query among its block's queries.
@@ -386,7 +390,7 @@ class LongHeads:
         # scoring and ranking only the chunks its last block can see (top_k's cost grows
         # faster than linearly with the width).
         def select_block(i, width):
-            qb = jax.lax.dynamic_slice_in_dim(q_raw, i * l, l, axis=2)  # BHtD
+            qb = jax.lax.dynamic_slice_in_dim(qh, i * l, l, axis=2)  # BHtD
             scores = self._scores(qb, reps[:, :, :width], H, K)
             sel, ok = self.selector_fn(scores, jnp.full(scores.shape[:-1], i, jnp.int32), N, True)  # BHtN
             M = jnp.any((sel[..., :, None] == c_ids[:width]) & ok[..., None], axis=-2)  # BHtW
@@ -398,6 +402,7 @@ class LongHeads:
         n_seg = self.selection_segments or (4 if C >= 128 else 1)
         n_seg = min(n_seg, nb)
         bounds = [c0 + (nb * j) // n_seg for j in range(n_seg + 1)]
+
         def batch(n, width):  # blocks per step: a divisor of n (one compiled body), ~SELECT_QUERIES pairs
             cap = max(1, SELECT_QUERIES // (l * width))
             return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
@@ -523,7 +528,6 @@ class LongHeads:
         # keys / values by chunk, per kv head: BKClD
         k_c = kh_loc.reshape(B, K, C, l, D)
         v_c = vh.reshape(B, K, C, l, D)
-        q_raw = qh
         o_key = jnp.arange(l, dtype=jnp.int32)
         c_ids = jnp.arange(C, dtype=jnp.int32)
         base, cos_tab, sin_tab, table_index = self._rotation_tables(qh, qh_loc, rope, seq_len, Tl)
@@ -539,7 +543,7 @@ class LongHeads:
         def block(i):
             start = i * qb_size
             cur = start // l
-            qb = jax.lax.dynamic_slice_in_dim(q_raw, start, qb_size, axis=2)  # BHtD
+            qb = jax.lax.dynamic_slice_in_dim(qh, start, qb_size, axis=2)  # BHtD
             q_pos = start + jnp.arange(qb_size, dtype=jnp.int32)
             o_q = q_pos % l
             scores = self._scores(qb, reps, H, K)
