@@ -4,7 +4,7 @@ Axis legend: B batch, T tokens, L layers, E hidden size, F MLP size, H query hea
 K kv heads, D head_dim, V vocabulary, C cache capacity.
 
 Params are an explicit pytree; the per-layer params are stacked on a leading L axis and the
-layers run under `nn.scan`, so compile time does not grow with depth. The attention function is
+layers run under `jax.lax.scan`, so compile time does not grow with depth. The attention function is
 a module attribute (static), the KV cache a pytree passed in and returned.
 """
 from __future__ import annotations
@@ -98,18 +98,37 @@ class Transformer(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
                          embedding_init=nn.initializers.normal(0.02), name="embed")
         x = embed(ids_BT)
-        layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(0, nn.broadcast), length=cfg.num_layers)
+        L = cfg.num_layers
+        layer = lambda carry_cache=False: DecoderLayer(cfg, self.attention, self.dtype, carry_cache=carry_cache,
+                                                       parent=None)
+
+        def init_layers(rng):  # stacked per-layer params, one independent init per layer
+            return jax.vmap(lambda r: layer().init(r, x, None, ctx)["params"])(jax.random.split(rng, L))
+
+        # read the stacked params directly when present: `self.param` would trace `init_layers`
+        # (every layer, attention included) once more just to check their shapes
+        if self.has_variable("params", "layers"):
+            stacked = self.get_variable("params", "layers")
+        else:
+            stacked = self.param("layers", init_layers)
+        # the layers run under jax.lax.scan over the stacked params: one trace of the layer body
+        # (nn.scan traces it twice), and compile time does not grow with depth
         if cache is not None and ids_BT.shape[1] > 1:
             # prefill: each layer writes into the (donated) stacked cache inside the scan, so the
             # new entries of all layers never exist beside the cache (peak memory ~ one cache)
-            L = cfg.num_layers
-            (x, cache), aux = layers(cfg, self.attention, self.dtype, carry_cache=True, name="layers")(
-                (x, cache), jnp.arange(L, dtype=jnp.int32), ctx)
+            def prefill_body(carry, xs):
+                p, i = xs
+                return layer(True).apply({"params": p}, carry, i, ctx)
+
+            (x, cache), aux = jax.lax.scan(prefill_body, (x, cache), (stacked, jnp.arange(L, dtype=jnp.int32)))
         else:
             # decode: one token's writes per layer, stacked and applied after the scan, so the
             # cache is updated in place instead of copied layer by layer
-            x, (writes, aux) = layers(cfg, self.attention, self.dtype, name="layers")(x, cache, ctx)
+            def body(x, xs):
+                p, c = xs
+                return layer().apply({"params": p}, x, c, ctx)
+
+            x, (writes, aux) = jax.lax.scan(body, x, (stacked, cache))
             if cache is not None:
                 cache = self.attention.write_cache(cache, writes, ctx)
         if last_only:
