@@ -378,7 +378,6 @@ class LongHeads:
         S0 = c0 * l
         nb = C - c0  # query blocks (one chunk each)
         Tq = nb * l  # selective queries, positions S0..Tl-1
-        Tq1 = Tq + 1  # one sink row per head for padding rows
         R = max(1, min(self.tile_rows, G * Tq))
         scale = D ** -0.5
         own_key = 0 if self.reference else 1
@@ -442,19 +441,18 @@ class LongHeads:
         size = B * K * nT * R
         bk = (jnp.arange(B)[:, None] * K + jnp.arange(H)[None, :] // G) * (nT * R)  # B H
         dest_flat = jnp.where(ok, dest + bk[..., None, None], size).reshape(-1)  # invalid: dropped
-        gq = (jnp.arange(H) % G)[:, None] * Tq1 + t_idx[None, :]  # H Tq: row id within the kv group
-        row_q = jnp.full((size,), G * Tq1, jnp.int32).at[dest_flat].set(
+        gq = (jnp.arange(H) % G)[:, None] * Tq + t_idx[None, :]  # H Tq: row id within the kv group
+        row_q = jnp.full((size,), G * Tq, jnp.int32).at[dest_flat].set(
             jnp.broadcast_to(gq[None, :, :, None], (B, H, Tq, N)).reshape(-1), mode="drop").reshape(B, K, nT * R)
         row_rot = jnp.zeros((size,), jnp.int32).at[dest_flat].set(rot.reshape(-1), mode="drop").reshape(B, K, nT * R)
         tile_chunk = jnp.sum(jnp.arange(nT, dtype=jnp.int32)[None, None, :, None] >= tile_end[:, :, None, :],
                              axis=-1, dtype=jnp.int32)
         tile_chunk = jnp.minimum(tile_chunk, C - 1)  # B K nT
 
-        # pass 2: walk the tiles with a running softmax per (head, query); row G·Tq1 is a sink
+        # pass 2: walk the tiles with a running softmax per (head, query); row G·Tq is a sink
         k_c = kh_loc.reshape(B, K, C, l, D)
         v_c = vh.reshape(B, K, C, l, D)
-        qsel = jnp.pad(jax.lax.dynamic_slice_in_dim(base, S0, Tq, axis=2), ((0, 0), (0, 0), (0, 1), (0, 0)))
-        qsel = jnp.pad(qsel.reshape(B, K, G * Tq1, D), ((0, 0), (0, 0), (0, 1), (0, 0)))  # B K (G·Tq1 + 1) D
+        qsel = jnp.pad(base[:, :, S0:].reshape(B, K, G * Tq, D), ((0, 0), (0, 0), (0, 1), (0, 0)))  # B K (G·Tq + 1) D
         o_key = jnp.arange(l, dtype=jnp.int32)
         b_ix = jnp.arange(B)[:, None, None]
         k_ix = jnp.arange(K)[None, :, None]
@@ -475,8 +473,8 @@ class LongHeads:
             Vc = jnp.take_along_axis(v_c, cidx, axis=2, mode=pib)[:, :, 0]
             s = jnp.einsum("BKRD,BKlD->BKRl", qr, Kc, preferred_element_type=jnp.float32)
             key_pos = c[..., None] * l + o_key  # B K l
-            t_row = rows % Tq1
-            ok_row = (rows < G * Tq1) & (t_row < Tq)
+            t_row = rows % Tq
+            ok_row = rows < G * Tq
             mask = ok_row[..., None] & (key_pos[:, :, None, :] < (S0 + t_row + own_key)[..., None])
             s = jnp.where(mask, s * scale, MASK_VALUE)
             get = lambda x: x.at[b_ix, k_ix, rows].get(mode=pib)
@@ -494,12 +492,12 @@ class LongHeads:
         def maybe_tile(i, carry):
             return jax.lax.cond(i < n_tiles, lambda c_: tile(i, c_), lambda c_: c_, carry)
 
-        Rows = G * Tq1 + 1
+        Rows = G * Tq + 1
         init = (jnp.full((B, K, Rows), MASK_VALUE, jnp.float32), jnp.zeros((B, K, Rows), jnp.float32),
                 jnp.zeros((B, K, Rows, D), jnp.float32))
         _, den, acc = jax.lax.fori_loop(0, nT, maybe_tile, init)
-        out = acc[:, :, :G * Tq1] / den[:, :, :G * Tq1, None]
-        out = out.reshape(B, H, Tq1, D)[:, :, :Tq].transpose(0, 2, 1, 3)  # B Tq H D
+        out = acc[:, :, :G * Tq] / den[:, :, :G * Tq, None]
+        out = out.reshape(B, H, Tq, D).transpose(0, 2, 1, 3)  # B Tq H D
         return out, sel
 
     def _selective_prefill(self, qh, qh_loc, kh_loc, vh, reps, n_valid, seq_len, rope, Dn):
