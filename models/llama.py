@@ -32,9 +32,26 @@ class RMSNorm(nn.Module):
         return normed.astype(x.dtype) * scale.astype(x.dtype)
 
 
+def _dot_f32_acc(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """dot_general accumulating in float32 whatever the inputs: with bfloat16 params the product
+    keeps float32 partial sums, and XLA's CPU backend takes its bfloat16 GEMM path (2x the float32
+    throughput on CPUs with AVX512-BF16) instead of a bfloat16-output dot at float32 speed."""
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=jnp.float32)
+
+
+class _Dense(nn.Dense):
+    """nn.Dense in the params' dtype with float32 accumulation; output in `dtype`."""
+
+    dot_general: Any = _dot_f32_acc
+
+    def __call__(self, x):
+        return super().__call__(x).astype(self.dtype)
+
+
 def _dense(features, use_bias, dtype, name):
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=dtype, name=name,
-                    kernel_init=nn.initializers.normal(0.02))
+    return _Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=dtype, name=name,
+                  kernel_init=nn.initializers.normal(0.02))
 
 
 class DecoderLayer(nn.Module):
