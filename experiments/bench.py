@@ -86,23 +86,23 @@ def measure_jax(params, config, attention, ids, repeats: int, decode_steps: int)
 
 
 def worker_jax(model: str, length: int, repeats: int, decode_steps: int, attention_spec: dict,
-               text: str = "hamlet") -> dict:
+               text: str = "hamlet", dtype: str = "float32") -> dict:
     import jax
 
     import lh_jax
     from lh_jax.methods import MethodSpec
 
-    config, params = lh_jax.load(model, progress=False)
+    config, params = lh_jax.load(model, dtype=dtype, progress=False)
     config, attention = MethodSpec.from_dict(attention_spec).build(config, length)
     ids = _prompt(model, config.vocab_size, length, text)
     m = measure_jax(params, config, attention, ids, repeats, decode_steps)
     m.pop("logits")
-    return {"impl": "lh-jax", "length": length, **m, "peak_rss_gib": _peak_rss_gib(),
+    return {"impl": "lh-jax", "length": length, "dtype": dtype, **m, "peak_rss_gib": _peak_rss_gib(),
             "backend": jax.default_backend()}
 
 
 def worker_torch(model: str, length: int, repeats: int, decode_steps: int, threads: int,
-                 text: str = "hamlet") -> dict:
+                 text: str = "hamlet", dtype: str = "float32") -> dict:
     import torch
     import transformers
 
@@ -110,11 +110,12 @@ def worker_torch(model: str, length: int, repeats: int, decode_steps: int, threa
 
     torch.set_num_threads(threads)
     path = resolve_model_path(model)
+    tdtype = getattr(torch, dtype)
     if path.endswith(".gguf"):
         m = transformers.AutoModelForCausalLM.from_pretrained(
-            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
+            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=tdtype)
     else:
-        m = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        m = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=tdtype)
     m.eval()
     ids = torch.from_numpy(_prompt(model, m.config.vocab_size, length, text).astype(np.int64))
     times = []
@@ -133,7 +134,7 @@ def worker_torch(model: str, length: int, repeats: int, decode_steps: int, threa
             step_times.append(time.perf_counter() - t0)
             cache = out.past_key_values
     prefill_s = float(np.median(times))
-    return {"impl": "transformers", "length": length, "prefill_s": prefill_s,
+    return {"impl": "transformers", "length": length, "dtype": dtype, "prefill_s": prefill_s,
             "tokens_per_s": length / prefill_s, "decode_ms": float(np.median(step_times[1:]) * 1e3),
             "compile_s": 0.0, "peak_rss_gib": _peak_rss_gib(), "backend": "torch-cpu"}
 
@@ -143,29 +144,32 @@ def _label(spec: dict) -> str:
     return MethodSpec.from_dict(spec).label
 
 
-def _run_cell(args, impl: str, length: int, spec: dict) -> dict:
+def _run_cell(args, impl: str, length: int, spec: dict, dtype: str) -> dict:
     cmd = [sys.executable, "-m", "lh_jax.experiments.bench", "--worker", impl, "--lengths", str(length),
            "--model", args.model, "--repeats", str(args.repeats), "--decode-steps", str(args.decode_steps),
-           "--threads", str(args.threads), "--attention-json", json.dumps(spec), "--text", args.text]
+           "--threads", str(args.threads), "--attention-json", json.dumps(spec), "--text", args.text,
+           "--dtype", dtype]
     env = dict(os.environ)
     env.setdefault("PYTHONWARNINGS", "ignore")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     label = "full" if impl == "transformers" else _label(spec)
     if proc.returncode != 0:
-        return {"impl": impl, "attention": label, "length": length, "error": proc.stderr.strip().splitlines()[-1:]}
+        return {"impl": impl, "attention": label, "length": length, "dtype": dtype,
+                "error": proc.stderr.strip().splitlines()[-1:]}
     return {**json.loads(proc.stdout.strip().splitlines()[-1]), "attention": label}
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ("| impl | attention | tokens | prefill s | tokens/s | decode ms/token | compile s | peak RSS GiB |\n"
-            "|---|---|---:|---:|---:|---:|---:|---:|")
+    head = ("| impl | attention | dtype | tokens | prefill s | tokens/s | decode ms/token | compile s | peak RSS GiB |\n"
+            "|---|---|---|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for r in rows:
         att = r.get("attention", "full")
         if "error" in r:
-            lines.append(f"| {r['impl']} | {att} | {r['length']} | error: {r['error']} | | | | |")
+            lines.append(f"| {r['impl']} | {att} | {r.get('dtype', '')} | {r['length']} | error: {r['error']} | | | | |")
             continue
-        lines.append(f"| {r['impl']} | {att} | {r['length']} | {r['prefill_s']:.2f} | {r['tokens_per_s']:.0f} | "
+        lines.append(f"| {r['impl']} | {att} | {r.get('dtype', 'float32')} | {r['length']} | {r['prefill_s']:.2f} | "
+                     f"{r['tokens_per_s']:.0f} | "
                      f"{r['decode_ms']:.1f} | {r['compile_s']:.1f} | {r['peak_rss_gib']:.2f} |")
     return "\n".join(lines)
 
@@ -183,6 +187,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-full", action="store_true", help="with a window method: skip lh-jax full attention")
     p.add_argument("--text", default="hamlet", choices=["hamlet", "random"],
                    help="prompt tokens: Hamlet (repeated past its end) or random ids")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="params / activations dtype of the lh-jax rows (matmuls accumulate in float32)")
+    p.add_argument("--torch-dtypes", default="float32",
+                   help="dtypes of the transformers baseline rows, comma list of float32,bfloat16")
     p.add_argument("--out", default=None, help="also write the rows as JSON here")
     from lh_jax.cli import add_attention_arguments
     add_attention_arguments(p)
@@ -211,12 +219,16 @@ def run(args) -> list[dict]:
             cells.append(("lh-jax", {"method": "full"}))
     else:
         cells.append(("lh-jax", base))
+    cells = [(impl, spec, args.dtype) for impl, spec in cells]
     if not args.no_torch:
-        cells.append(("transformers", {"method": "full"}))
+        for dt in args.torch_dtypes.split(","):
+            if dt.strip() not in ("float32", "bfloat16"):
+                raise SystemExit(f"--torch-dtypes: expected float32 and/or bfloat16, got {dt!r}")
+            cells.append(("transformers", {"method": "full"}, dt.strip()))
     rows = []
     for length in tqdm(lengths, desc="bench lengths"):
-        for impl, spec in cells:
-            rows.append(_run_cell(args, impl, length, spec))
+        for impl, spec, dt in cells:
+            rows.append(_run_cell(args, impl, length, spec, dt))
     header = (f"# lh-jax bench — {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
               f"{datetime.date.today()}, model {args.model}, prompt {args.text}, median of {args.repeats} prefills "
               f"and {args.decode_steps} decode steps")
@@ -241,9 +253,11 @@ def main(argv=None):
     if args.worker:
         length = parse_lengths(args.lengths)[0]
         if args.worker == "lh-jax":
-            res = worker_jax(args.model, length, args.repeats, args.decode_steps, args.attention_spec, args.text)
+            res = worker_jax(args.model, length, args.repeats, args.decode_steps, args.attention_spec, args.text,
+                             args.dtype)
         else:
-            res = worker_torch(args.model, length, args.repeats, args.decode_steps, args.threads, args.text)
+            res = worker_torch(args.model, length, args.repeats, args.decode_steps, args.threads, args.text,
+                               args.dtype)
         print(json.dumps(res))
         return
     run(args)
