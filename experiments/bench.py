@@ -56,7 +56,7 @@ def measure_jax(params, config, attention, ids, repeats: int, decode_steps: int)
     capacity = ids.shape[1] + decode_steps + 2
 
     def run_prefill():
-        cache = lh_jax.init_cache(config, ids.shape[0], capacity, attention, runtime.params_dtype(params))
+        cache = lh_jax.init_cache(config, ids.shape[0], capacity, attention, runtime.cache_dtype(params))
         t0 = time.perf_counter()
         logits, cache = lh_jax.prefill(params, config, ids, cache, attention)
         logits.block_until_ready()

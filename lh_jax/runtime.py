@@ -50,6 +50,17 @@ def params_dtype(params) -> jnp.dtype:
     return params["embed"]["embedding"].dtype
 
 
+def cache_dtype(params) -> jnp.dtype:
+    """The KV cache dtype `generate` uses with `params`: the params' dtype, except on the CPU, where
+    a lower-precision cache is kept in float32. XLA:CPU has no bfloat16 matrix-vector kernels, so a
+    decode step reading a bfloat16 cache converted the whole cache to float32 (every layer, every
+    step: decode time grew with the context, 4-12x float32's on the default model)."""
+    dt = jnp.dtype(params_dtype(params))
+    if dt != jnp.float32 and jax.default_backend() == "cpu":
+        return jnp.dtype(jnp.float32)
+    return dt
+
+
 def check_input_ids(input_ids, config: ModelConfig, name: str = "input_ids") -> np.ndarray:
     """Validate token ids on the host and return them as an int32 [B, T] numpy array."""
     ids = np.asarray(input_ids)
@@ -231,7 +242,7 @@ def decode_step(params, config: ModelConfig, token, cache: KVCache, attention=No
 def _generate(params, ids, mask, num_new, config, attention, capacity, steps):
     TRACE_COUNTS["generate"] += 1
     B = ids.shape[0]
-    cache = init_cache(config, B, capacity, attention, params_dtype(params))
+    cache = init_cache(config, B, capacity, attention, cache_dtype(params))
     logits, cache = _prefill_impl(params, ids, mask, cache, config, attention)
     first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     out = jnp.zeros((B, steps), jnp.int32).at[:, 0].set(first)

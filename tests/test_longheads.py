@@ -521,6 +521,10 @@ def test_bfloat16_params(gqa):
     assert np.corrcoef(l16.ravel(), l32.ravel())[0, 1] > 0.95
     out = np.asarray(lh_jax.generate(params16, config, IDS[:, :150], 40, attention=LH))
     assert out.shape == (1, 190) and (out >= 0).all() and (out < VOCAB).all()
+    # on the CPU generation keeps the cache in float32 (XLA:CPU would upcast a bfloat16 cache whole
+    # at every decode step); elsewhere in the params' dtype
+    want = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    assert runtime.cache_dtype(params16) == want and runtime.cache_dtype(gqa.params) == jnp.float32
 
 
 # --- 9. ablations -------------------------------------------------------------------------------
