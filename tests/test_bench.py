@@ -21,3 +21,9 @@ def test_bench_rows(tmp_path):
     for r in rows:
         assert "error" not in r, r
         assert r["length"] == 96 and r["prefill_s"] > 0 and r["decode_ms"] > 0 and r["peak_rss_gib"] > 0
+
+
+def test_bench_rejects_unknown_torch_dtype(capsys):
+    import pytest
+    with pytest.raises(SystemExit, match="--torch-dtypes.*float16"):
+        lh_jax.cli.main(["bench", "--lengths", "96", "--torch-dtypes", "float32,float16"])
