@@ -9,8 +9,8 @@ second and compilation dominates; on the CPU use small grids.
 A variant is CHUNKxNUM/CHUNK_REPR[/SELECTION] (SELECTION: head | group). `--plan` gives the cells
 in the order to run them, e.g. "16k=256x16/attn,256x16/attn-parts:16;32k=256x16/attn-parts:16"
 (overrides --lengths and --variants), so that a budget cut drops the least wanted. Writes OUT/cells.jsonl
-(one line per trial, resumable like the other commands) and OUT/sweep.md (accuracy per variant,
-length and depth, seconds per batch).
+(one line per trial, resumable like the other commands), OUT/sweep.md (accuracy per variant,
+length and depth, seconds per batch) and OUT/sweep.png (a length x depth heatmap per variant).
 """
 from __future__ import annotations
 
@@ -160,6 +160,8 @@ def main(argv=None) -> None:
     meta = run_metadata(args, task="passkey_sweep")
     with open(os.path.join(args.out, "sweep.md"), "w") as f:
         f.write(table + "\n\n" + repr(meta["machine"]) + "\n")
+    if rows:
+        pk.heatmap(rows, os.path.join(args.out, "sweep.png"), title=f"passkey, LongHeads variants ({args.dtype})")
     print(table)
 
 

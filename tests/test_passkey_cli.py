@@ -268,6 +268,7 @@ def test_sweep_matches_the_passkey_command(base, model_dir, tmp_path):
         o = old["longheads", k["length"], k["depth"], k["trial"]]
         assert (r["key"], r["answer"], r["correct"]) == (o["key"], o["answer"], o["correct"])
     assert "| 16x4 attn | 150 |" in (tmp_path / "sweep.md").read_text()
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("text,match", [
