@@ -156,15 +156,23 @@ CHUNK_REPRESENTATIONS = {"attn": AttnPooled(), "mean": MeanKeys(), "bounds": Key
                          "bounds-parts": SubChunks(8, KeyBounds())}
 
 
-def chunk_repr_from_name(name: str):
-    """A registered name, or "<base>-parts:P" (e.g. "bounds-parts:16") for P sub-chunks per chunk.
+BEST_KEY = "best-key"
+
+
+def chunk_repr_from_name(name: str, chunk_size: int | None = None):
+    """A registered name, "<base>-parts:P" (e.g. "bounds-parts:16") for P sub-chunks per chunk, or
+    "best-key": a chunk scores its best single key, max_j q·k_j (one key per part, i.e.
+    "mean-parts:<chunk_size>"; it keeps a copy of the keys and scores every cached key per query).
+    "best-key" needs `chunk_size` to build (without it the name is only checked).
     Raises ValueError naming the bad name."""
     if name in CHUNK_REPRESENTATIONS:
         return CHUNK_REPRESENTATIONS[name]
+    if name == BEST_KEY:
+        return SubChunks(chunk_size, MeanKeys()) if chunk_size is not None else BEST_KEY
     base, sep, parts = name.partition(":")
     if sep and base.endswith("-parts") and base in CHUNK_REPRESENTATIONS and parts.isdigit() and int(parts) > 0:
         return dataclasses.replace(CHUNK_REPRESENTATIONS[base], parts=int(parts))
-    raise ValueError(f"unknown chunk_repr {name!r}; choose one of {sorted(CHUNK_REPRESENTATIONS)}, "
+    raise ValueError(f"unknown chunk_repr {name!r}; choose one of {sorted(CHUNK_REPRESENTATIONS) + [BEST_KEY]}, "
                      "'<base>-parts:P' with P a positive integer (e.g. 'attn-parts:16'), "
                      "or pass an object with build/score/width")
 

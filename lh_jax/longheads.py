@@ -79,8 +79,9 @@ class LongHeads:
     forced ones included (window = chunk_size * num_chunks). dense_length: the first tokens use
     ordinary causal attention at true positions (default: the window). reference: reproduce the
     authors' released code, defects included (see README). chunk_repr: "attn" | "mean" |
-    "bounds" | "attn-parts" | "mean-parts" | "bounds-parts" ("<name>:P" for P sub-chunks) or an
-    object with build/score/width and an optional check(chunk_size) (see `chunks`).
+    "bounds" | "attn-parts" | "mean-parts" | "bounds-parts" ("<name>:P" for P sub-chunks) |
+    "best-key" (a chunk scores its best single key) or an object with build/score/width and an
+    optional check(chunk_size) (see `chunks`).
     positions: "remap" | "original" or a function.
     selection: "head" (each query head selects) or "group" (one selection per kv head, scores
     summed over its query heads). selector: "topk" (the paper) | "recent" (chunk 0 + the most
@@ -126,7 +127,7 @@ class LongHeads:
             raise ValueError(f"LongHeads: dense_length must be a non-negative integer, got {self.dense_length!r}")
         if isinstance(self.chunk_repr, str):
             try:
-                chunk_repr_from_name(self.chunk_repr)
+                chunk_repr_from_name(self.chunk_repr, self.chunk_size)
             except ValueError as e:
                 raise ValueError(f"LongHeads: {e}") from None
         if hasattr(self.repr_fn, "check"):
@@ -174,7 +175,7 @@ class LongHeads:
 
     @property
     def repr_fn(self):
-        return chunk_repr_from_name(self.chunk_repr) if isinstance(self.chunk_repr, str) else self.chunk_repr
+        return chunk_repr_from_name(self.chunk_repr, self.chunk_size) if isinstance(self.chunk_repr, str) else self.chunk_repr
 
     @property
     def selector_fn(self) -> Callable:

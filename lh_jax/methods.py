@@ -131,7 +131,7 @@ def add_method_arguments(p: argparse.ArgumentParser, multiple: bool = False, def
     p.add_argument("--chunk-repr", default="attn", type=_chunk_repr_name,
                    help="LongHeads chunk representation (ablation): attn (the paper), mean, bounds (Quest), "
                         "attn-parts / mean-parts / bounds-parts (best of 8 sub-chunk summaries; "
-                        "'attn-parts:16' for 16)")
+                        "'attn-parts:16' for 16), best-key (a chunk scores its best single key)")
     p.add_argument("--positions", default="remap", choices=["remap", "original"],
                    help="LongHeads position scheme (ablation)")
     p.add_argument("--selection", default="head", choices=["head", "group"],

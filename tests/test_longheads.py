@@ -361,7 +361,7 @@ BOUNDS = lh(num_chunks=5, dense_length=80, chunk_repr="bounds")  # dense_length 
 ORIGINAL = lh(positions="original")
 GROUP = lh(selection="group")
 PARTS = lh(chunk_repr="attn-parts")  # 8 sub-chunks of 4 tokens
-BEST_KEY = lh(chunk_repr="mean-parts:32")  # one key per part: a chunk scores its best key
+BEST_KEY = lh(chunk_repr="best-key")  # one key per part (mean-parts:32 here): a chunk scores its best key
 
 
 @pytest.mark.parametrize("attention", [LH, BOUNDS, lh(num_chunks=13)], ids=label)
