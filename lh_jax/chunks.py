@@ -163,12 +163,13 @@ def chunk_repr_from_name(name: str, chunk_size: int | None = None):
     """A registered name, "<base>-parts:P" (e.g. "bounds-parts:16") for P sub-chunks per chunk, or
     "best-key": a chunk scores its best single key, max_j q·k_j (one key per part, i.e.
     "mean-parts:<chunk_size>"; it keeps a copy of the keys and scores every cached key per query).
-    "best-key" needs `chunk_size` to build (without it the name is only checked).
-    Raises ValueError naming the bad name."""
+    "best-key" needs `chunk_size`. Raises ValueError naming the bad name."""
     if name in CHUNK_REPRESENTATIONS:
         return CHUNK_REPRESENTATIONS[name]
     if name == BEST_KEY:
-        return SubChunks(chunk_size, MeanKeys()) if chunk_size is not None else BEST_KEY
+        if chunk_size is None:
+            raise ValueError("chunk_repr 'best-key' needs the chunk size (pass chunk_size)")
+        return SubChunks(chunk_size, MeanKeys())
     base, sep, parts = name.partition(":")
     if sep and base.endswith("-parts") and base in CHUNK_REPRESENTATIONS and parts.isdigit() and int(parts) > 0:
         return dataclasses.replace(CHUNK_REPRESENTATIONS[base], parts=int(parts))

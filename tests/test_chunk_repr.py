@@ -100,6 +100,8 @@ def test_chunk_repr_names():
     for l in (16, 64, 128):
         assert chunk_repr_from_name("best-key", l) == SubChunks(l, MeanKeys())
         assert lh_jax.LongHeads(chunk_size=l, num_chunks=4, chunk_repr="best-key").repr_fn == SubChunks(l, MeanKeys())
+    with pytest.raises(ValueError, match="'best-key' needs the chunk size"):
+        chunk_repr_from_name("best-key")
     with pytest.raises(ValueError, match="dividing chunk_size=64"):
         lh_jax.LongHeads(chunk_size=64, num_chunks=4, chunk_repr="bounds-parts:128")
     with pytest.raises(ValueError, match="unknown chunk_repr 'attn-parts:-2'"):
