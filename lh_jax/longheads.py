@@ -684,13 +684,26 @@ class LongHeads:
             out, _ = merge_stats([past, selfp])
             return _ungroup(out)
 
+        # A dense row (p < dense_length <= window) has at most num_chunks chunks behind it, so it
+        # is a selective row whose selection is all of them at their true distances: one code
+        # path (and one set of kernels to compile) serves both. A dense prefix longer than the
+        # window keeps its own branch.
+        dense_in_selective = 0 < self.dense_length <= self.window
+
         def selective_branch():
             scores = self._scores(q_raw[:, :, None, :], reps, H, K)[:, :, 0]  # B H C
             sel, ok = self.selector_fn(scores, jnp.broadcast_to(cur[:, None], (B, H)), N,
                                     jnp.broadcast_to(force_prev[:, None], (B, H)))  # B H N
-            n_sel = jnp.sum(ok, -1)
             slot = jnp.arange(N)
+            if dense_in_selective:
+                all_ok = slot[None, None, :] <= cur[:, None, None]  # B 1 N: chunks 0..cur
+                d_row = dense_row[:, None, None]
+                ok = jnp.where(d_row, all_ok, ok)
+                sel = jnp.where(d_row, jnp.where(all_ok, slot, C), sel)
+            n_sel = jnp.sum(ok, -1)
             dist = self.position_fn(slot[None, None], sel, cur[:, None, None], n_sel[..., None], o[:, None, None], l)
+            if dense_in_selective:
+                dist = jnp.where(d_row, o[:, None, None] + (cur[:, None, None] - sel) * l, dist)
             cos, sin = rope.cos_sin(jnp.clip(dist, 0, None).reshape(B, H * N), seq_len)
             qr = _rotate_by(q_raw[:, :, None, :], cos.reshape(B, H, N, D), sin.reshape(B, H, N, D))
             kv_head = jnp.arange(H) // G
@@ -707,12 +720,14 @@ class LongHeads:
             out = jnp.einsum("BHNl,BHNlD->BHD", pr.astype(Vs.dtype), Vs, preferred_element_type=jnp.float32)
             return out[:, None], sel
 
-        # Both branches run unconditionally: each reads a fixed amount of the cache (Cd chunks;
-        # N chunks per head). Under lax.cond the whole per-layer cache slice became a materialised
-        # operand, i.e. a copy of the cache per layer and step (decode time grew with the context).
-        dense_out = dense_branch() if self.dense_length > 0 else jnp.zeros((B, 1, H, D), jnp.float32)
+        # A separate dense branch (dense_length > window) runs unconditionally beside the selective
+        # one: each reads a fixed amount of the cache (Cd chunks; N chunks per head). Under lax.cond
+        # the whole per-layer cache slice became a materialised operand, i.e. a copy of the cache
+        # per layer and step (decode time grew with the context).
         sel_out, sel = selective_branch()
-        out = jnp.where(dense_row[:, None, None, None], dense_out, sel_out).astype(q.dtype)
+        if self.dense_length > 0 and not dense_in_selective:
+            sel_out = jnp.where(dense_row[:, None, None, None], dense_branch(), sel_out)
+        out = sel_out.astype(q.dtype)
         writes = {"pos": p, "k": k_loc.transpose(0, 2, 1, 3), "v": v.transpose(0, 2, 1, 3),
                   "reps": own_rep, "q": q_loc.transpose(0, 2, 1, 3)}
         aux = {"selected": jnp.where(dense_row[:, None, None], -1, sel)} if self.record_selection else None

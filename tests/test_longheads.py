@@ -176,18 +176,22 @@ def test_up_to_dense_length_equals_full_attention(models, name, T, attention):
     assert max_err(fwd(m, ids, attention), fwd(m, ids)) <= EXACT
 
 
-def test_decode_within_and_past_dense_length(gqa):
-    """dense_length = window = 128: decoding from a 40-token prompt is full attention up to
-    position 127 and selective from 128 on, where 4 of 5 or more chunks are chosen (so the switch
-    point matters), equal to forward() there."""
+@pytest.mark.parametrize("attention", [LH128, LongHeads(chunk_size=32, num_chunks=4, dense_length=176)],
+                         ids=["dense-eq-window", "dense-past-window"])
+def test_decode_within_and_past_dense_length(gqa, attention):
+    """Decoding from a 40-token prompt is full attention up to dense_length and selective from
+    there on, where 4 of 5 or more chunks are chosen (so the switch point matters), equal to
+    forward() there. dense_length = window = 128: dense rows take the selective path with every
+    chunk selected; 176 > window: they need more chunks than a selection holds (own branch)."""
+    Dn = attention.dense_length
     full, _ = run_forward(gqa)
-    lh128, _ = run_forward(gqa, LH128)
-    rows = forced_decode(gqa, IDS, 40, LH128)  # positions 39..299
-    assert max_err(lh128[:, :128], full[:, :128]) <= EXACT
-    assert max_err(rows[:, :128 - 39], full[:, 39:128]) <= EXACT
-    errs = np.abs(rows[0] - lh128[0, 39:]).max(-1)
+    lh, _ = run_forward(gqa, attention)
+    rows = forced_decode(gqa, IDS, 40, attention)  # positions 39..299
+    assert max_err(lh[:, :Dn], full[:, :Dn]) <= EXACT
+    assert max_err(rows[:, :Dn - 39], full[:, 39:Dn]) <= EXACT
+    errs = np.abs(rows[0] - lh[0, 39:]).max(-1)
     assert errs.max() <= TOL, f"max error {errs.max():.3g} at position {39 + errs.argmax()}"
-    assert np.abs(lh128[0, 128:] - full[0, 128:]).max(-1)[0] > 1e-3  # position 128 is selective
+    assert np.abs(lh[0, Dn:] - full[0, Dn:]).max(-1)[0] > 1e-3  # position dense_length is selective
 
 
 # --- 2. every chunk selected: LongHeads is full attention --------------------------------------
