@@ -446,6 +446,10 @@ class LongHeads:
         row_q = jnp.full((size,), G * Tq, jnp.int32).at[dest_flat].set(
             jnp.broadcast_to(gq[None, :, :, None], (B, H, Tq, N)).reshape(-1), mode="drop").reshape(B, K, nT * R)
         row_rot = jnp.zeros((size,), jnp.int32).at[dest_flat].set(rot.reshape(-1), mode="drop").reshape(B, K, nT * R)
+        # keys of its chunk each row may see (l but in its own chunk; 0 for padding rows), so the
+        # tile's mask is one compare per logit
+        lim = jnp.clip(q_pos[:, None] + own_key - sel * l, 0, l)  # B H Tq N
+        row_lim = jnp.zeros((size,), jnp.int32).at[dest_flat].set(lim.reshape(-1), mode="drop").reshape(B, K, nT * R)
         tile_chunk = jnp.sum(jnp.arange(nT, dtype=jnp.int32)[None, None, :, None] >= tile_end[:, :, None, :],
                              axis=-1, dtype=jnp.int32)
         tile_chunk = jnp.minimum(tile_chunk, C - 1)  # B K nT
@@ -453,7 +457,8 @@ class LongHeads:
         # pass 2: walk the tiles with a running softmax per (head, query); row G·Tq is a sink
         k_c = kh_loc.reshape(B, K, C, l, D)
         v_c = vh.reshape(B, K, C, l, D)
-        qsel = jnp.pad(base[:, :, S0:].reshape(B, K, G * Tq, D), ((0, 0), (0, 0), (0, 1), (0, 0)))  # B K (G·Tq + 1) D
+        qsel = jnp.pad(base[:, :, S0:].reshape(B, K, G * Tq, D).astype(jnp.float32) * scale,
+                       ((0, 0), (0, 0), (0, 1), (0, 0)))  # B K (G·Tq + 1) D, scaled by 1/sqrt(D)
         o_key = jnp.arange(l, dtype=jnp.int32)
         b_ix = jnp.arange(B)[:, None, None]
         k_ix = jnp.arange(K)[None, :, None]
@@ -465,7 +470,7 @@ class LongHeads:
             c = tile_chunk[:, :, i]  # B K
             rows = jax.lax.dynamic_slice_in_dim(row_q, i * R, R, axis=2)  # B K R
             rr = jax.lax.dynamic_slice_in_dim(row_rot, i * R, R, axis=2)
-            qv = jnp.take_along_axis(qsel, rows[..., None], axis=2, mode=pib).astype(jnp.float32)  # B K R D
+            qv = jnp.take_along_axis(qsel, rows[..., None], axis=2, mode=pib)  # B K R D
             cos_r = cos_tab.at[b_ix, rr].get(mode=pib)
             sin_r = sin_tab.at[b_ix, rr].get(mode=pib)
             qr = (qv * cos_r + _rot_half(qv) * sin_r).astype(qh.dtype)
@@ -473,11 +478,9 @@ class LongHeads:
             Kc = jnp.take_along_axis(k_c, cidx, axis=2, mode=pib)[:, :, 0]  # B K l D
             Vc = jnp.take_along_axis(v_c, cidx, axis=2, mode=pib)[:, :, 0]
             s = jnp.einsum("BKRD,BKlD->BKRl", qr, Kc, preferred_element_type=jnp.float32)
-            key_pos = c[..., None] * l + o_key  # B K l
-            t_row = rows % Tq
-            ok_row = rows < G * Tq
-            mask = ok_row[..., None] & (key_pos[:, :, None, :] < (S0 + t_row + own_key)[..., None])
-            s = jnp.where(mask, s * scale, MASK_VALUE)
+            lim = jax.lax.dynamic_slice_in_dim(row_lim, i * R, R, axis=2)
+            mask = o_key < lim[..., None]
+            s = jnp.where(mask, s, MASK_VALUE)
             get = lambda x: x.at[b_ix, k_ix, rows].get(mode=pib)
             m_old, d_old, a_old = get(mx), get(den), get(acc)
             m_new = jnp.maximum(m_old, jnp.max(s, axis=-1))
