@@ -264,4 +264,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from lh_jax.cli import set_cpu_opt_level
+    set_cpu_opt_level()
     main()

@@ -57,4 +57,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    from lh_jax.cli import set_cpu_opt_level
+    set_cpu_opt_level()
     main()

@@ -377,4 +377,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    from lh_jax.cli import set_cpu_opt_level
+    set_cpu_opt_level()
     main()

@@ -129,9 +129,58 @@ def enable_compile_cache(command: str | None) -> str | None:
     return path
 
 
+CPU_OPT_LEVEL_ENV = "LH_JAX_CPU_OPT_LEVEL"
+_OPT_FLAG = "--xla_backend_optimization_level"
+_ACCEL_PLATFORMS = ("cuda", "gpu", "rocm", "tpu", "metal")
+
+
+def _accelerator_possible() -> bool:
+    """True when JAX may pick a non-CPU backend: JAX_PLATFORMS names one, or (unset) a GPU/TPU
+    plugin is installed. Checked without initialising any backend."""
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
+    if platforms:
+        return any(p.strip() in _ACCEL_PLATFORMS for p in platforms.split(","))
+    import importlib.util
+    import pkgutil
+    if importlib.util.find_spec("libtpu") is not None:
+        return True
+    spec = importlib.util.find_spec("jax_plugins")
+    if spec is not None and spec.submodule_search_locations:
+        return any(True for _ in pkgutil.iter_modules(list(spec.submodule_search_locations)))
+    return False
+
+
+def set_cpu_opt_level(environ=None) -> str | None:
+    """On CPU-only installs, run XLA's LLVM backend at optimisation level $LH_JAX_CPU_OPT_LEVEL
+    (default 1 instead of XLA's 3): measured on this project's programs, compilation takes ~30 %
+    less time and the run is not slower, since the matmuls run in prebuilt library kernels.
+    "default" (or "off") leaves XLA's own level. Untouched when XLA_FLAGS already sets the level,
+    when JAX may use an accelerator, or when a backend exists already (the flag is read once, when
+    the first backend is created). Returns the level set, or None."""
+    env = os.environ if environ is None else environ
+    raw = env.get(CPU_OPT_LEVEL_ENV, "1").strip().lower()
+    if raw in ("default", "off", "none", ""):
+        return None
+    if raw not in ("0", "1", "2", "3"):
+        raise SystemExit(f"lh-jax: {CPU_OPT_LEVEL_ENV}={env.get(CPU_OPT_LEVEL_ENV)!r} is not an XLA:CPU "
+                         f"optimisation level: use 0, 1, 2, 3 or 'default'")
+    flags = env.get("XLA_FLAGS", "")
+    if _OPT_FLAG in flags or _accelerator_possible():
+        return None
+    try:
+        from jax._src import xla_bridge
+        if xla_bridge.backends_are_initialized():
+            return None
+    except (ImportError, AttributeError):
+        pass
+    env["XLA_FLAGS"] = f"{flags} {_OPT_FLAG}={raw}".strip()
+    return raw
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
+    set_cpu_opt_level()
     args = build_parser(command).parse_args(argv)
     enable_compile_cache(command)
     args.func(args)

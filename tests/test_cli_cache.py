@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import pytest
 
 from conftest import save_tiny_with_tokenizer
 from lh_jax import cli
@@ -39,3 +40,58 @@ def test_second_run_reuses_compiled_programs(tmp_path):
     assert second.returncode == 0, second.stderr[-2000:]
     assert second.stdout == first.stdout
     assert sorted(os.listdir(cache)) == entries  # nothing new compiled
+
+
+def test_cpu_opt_level_default_and_overrides(monkeypatch):
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.setattr(cli, "_accelerator_possible", lambda: False)
+    from jax._src import xla_bridge
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
+    env = {"XLA_FLAGS": "--xla_cpu_enable_fast_math=false"}
+    assert cli.set_cpu_opt_level(env) == "1"
+    assert env["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false --xla_backend_optimization_level=1"
+    env = {cli.CPU_OPT_LEVEL_ENV: "3"}
+    assert cli.set_cpu_opt_level(env) == "3" and env["XLA_FLAGS"] == "--xla_backend_optimization_level=3"
+    # the user's own XLA_FLAGS level wins; "default" leaves XLA alone
+    env = {"XLA_FLAGS": "--xla_backend_optimization_level=2"}
+    assert cli.set_cpu_opt_level(env) is None and env["XLA_FLAGS"] == "--xla_backend_optimization_level=2"
+    env = {cli.CPU_OPT_LEVEL_ENV: "default"}
+    assert cli.set_cpu_opt_level(env) is None and "XLA_FLAGS" not in env
+    with pytest.raises(SystemExit, match=cli.CPU_OPT_LEVEL_ENV + r"='fast'"):
+        cli.set_cpu_opt_level({cli.CPU_OPT_LEVEL_ENV: "fast"})
+    # a backend that exists already has read its flags: nothing is set
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: True)
+    env = {}
+    assert cli.set_cpu_opt_level(env) is None and env == {}
+
+
+def test_cpu_opt_level_not_for_accelerators(monkeypatch):
+    from jax._src import xla_bridge
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
+    for platforms, expect in (("cuda", None), ("tpu,cpu", None), ("cpu", "1")):
+        monkeypatch.setenv("JAX_PLATFORMS", platforms)
+        env = {}
+        assert cli.set_cpu_opt_level(env) == expect, platforms
+        assert ("XLA_FLAGS" in env) == (expect is not None)
+
+
+def test_cli_sets_level_before_any_backend(tmp_path):
+    """Through the real entry point: the flag is in XLA_FLAGS before JAX creates its backend (the
+    flag is only read then), and the command still runs."""
+    model = save_tiny_with_tokenizer(tmp_path / "m", seed=5)
+    code = ("import os, sys\n"
+            "from jax._src import xla_bridge\n"
+            "from lh_jax import cli\n"
+            "orig = cli.set_cpu_opt_level\n"
+            "def spy(*a):\n"
+            "    assert not xla_bridge.backends_are_initialized()\n"
+            "    r = orig(*a); print('LEVEL', r, os.environ.get('XLA_FLAGS'), file=sys.stderr); return r\n"
+            "cli.set_cpu_opt_level = spy\n"
+            "cli.main(sys.argv[1:])\n"
+            "assert xla_bridge.backends_are_initialized()\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", cli.CPU_OPT_LEVEL_ENV)}
+    env.update({"JAX_PLATFORMS": "cpu", cli.COMPILE_CACHE_ENV: "off"})
+    cmd = [sys.executable, "-c", code, "generate", "--model", model, "--prompt", "Hello", "--max-new-tokens", "2"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "LEVEL 1 --xla_backend_optimization_level=1" in r.stderr
