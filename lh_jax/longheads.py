@@ -393,7 +393,12 @@ class LongHeads:
             qb = jax.lax.dynamic_slice_in_dim(qh, i * l, l, axis=2)  # BHtD
             scores = self._scores(qb, reps[:, :, :width], H, K)
             sel, ok = self.selector_fn(scores, jnp.full(scores.shape[:-1], i, jnp.int32), N, True)  # BHtN
-            M = jnp.any((sel[..., :, None] == c_ids[:width]) & ok[..., None], axis=-2)  # BHtW
+            # which chunks each query selected: a scatter of the t·N selections (a compare of every
+            # selection with every chunk costs N·width per query)
+            Bb, Hb, tb, _ = sel.shape
+            ix = [jnp.arange(n, dtype=jnp.int32).reshape((n,) + (1,) * (3 - a)) for a, n in enumerate((Bb, Hb, tb))]
+            M = jnp.zeros((Bb, Hb, tb, width), bool).at[ix[0], ix[1], ix[2], jnp.where(ok, sel, width)].set(
+                True, mode="drop")  # BHtW
             before = jnp.cumsum(M, axis=2, dtype=jnp.int32) - M  # queries of the block before t with c
             within = jnp.take_along_axis(before, jnp.minimum(sel, width - 1), axis=-1, mode="promise_in_bounds")
             cnt = jnp.pad(jnp.sum(M, axis=2, dtype=jnp.int32), ((0, 0), (0, 0), (0, C - width)))
