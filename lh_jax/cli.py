@@ -134,10 +134,10 @@ _OPT_FLAG = "--xla_backend_optimization_level"
 _ACCEL_PLATFORMS = ("cuda", "gpu", "rocm", "tpu", "metal")
 
 
-def _accelerator_possible() -> bool:
-    """True when JAX may pick a non-CPU backend: JAX_PLATFORMS names one, or (unset) a GPU/TPU
-    plugin is installed. Checked without initialising any backend."""
-    platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
+def _accelerator_possible(env) -> bool:
+    """True when JAX may pick a non-CPU backend: JAX_PLATFORMS (in `env`) names one, or (unset) a
+    GPU/TPU plugin is installed. Checked without initialising any backend."""
+    platforms = env.get("JAX_PLATFORMS", "").strip().lower()
     if platforms:
         return any(p.strip() in _ACCEL_PLATFORMS for p in platforms.split(","))
     import importlib.util
@@ -165,7 +165,7 @@ def set_cpu_opt_level(environ=None) -> str | None:
         raise SystemExit(f"lh-jax: {CPU_OPT_LEVEL_ENV}={env.get(CPU_OPT_LEVEL_ENV)!r} is not an XLA:CPU "
                          f"optimisation level: use 0, 1, 2, 3 or 'default'")
     flags = env.get("XLA_FLAGS", "")
-    if _OPT_FLAG in flags or _accelerator_possible():
+    if _OPT_FLAG in flags or _accelerator_possible(env):
         return None
     try:
         from jax._src import xla_bridge

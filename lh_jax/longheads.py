@@ -382,7 +382,6 @@ class LongHeads:
         R = max(1, min(self.tile_rows, G * Tq))
         scale = D ** -0.5
         own_key = 0 if self.reference else 1
-        c_ids = jnp.arange(C, dtype=jnp.int32)
         base, cos_tab, sin_tab, table_index = self._rotation_tables(qh, qh_loc, rope, seq_len, Tl)
 
         # pass 1: selections, per-block chunk counts, rank of each query among its block's queries.
@@ -395,9 +394,8 @@ class LongHeads:
             sel, ok = self.selector_fn(scores, jnp.full(scores.shape[:-1], i, jnp.int32), N, True)  # BHtN
             # which chunks each query selected: a scatter of the t·N selections (a compare of every
             # selection with every chunk costs N·width per query)
-            Bb, Hb, tb, _ = sel.shape
-            ix = [jnp.arange(n, dtype=jnp.int32).reshape((n,) + (1,) * (3 - a)) for a, n in enumerate((Bb, Hb, tb))]
-            M = jnp.zeros((Bb, Hb, tb, width), bool).at[ix[0], ix[1], ix[2], jnp.where(ok, sel, width)].set(
+            b_, h_, t_ = (x[..., None] for x in jnp.indices(sel.shape[:-1], sparse=True))
+            M = jnp.zeros(sel.shape[:-1] + (width,), bool).at[b_, h_, t_, jnp.where(ok, sel, width)].set(
                 True, mode="drop")  # BHtW
             before = jnp.cumsum(M, axis=2, dtype=jnp.int32) - M  # queries of the block before t with c
             within = jnp.take_along_axis(before, jnp.minimum(sel, width - 1), axis=-1, mode="promise_in_bounds")
