@@ -16,6 +16,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lh_jax import _native
+
 NEG_INF = -jnp.inf
 
 
@@ -186,7 +188,8 @@ def select_chunks(scores, cur, num_chunks: int, force_prev=True):
     scores [..., C] (any float), cur [...] int (the query's own chunk), force_prev [...] bool.
     Forced: chunk 0, the own chunk `cur`, and `cur - 1` when `force_prev`. Free picks: the top
     `num_chunks - 3` scores among chunks 1..cur-2 (1..cur-1 when the previous chunk is not
-    forced), via `lax.top_k`. Returns (idx [..., num_chunks] int32 ascending, valid [...,
+    forced), via `lax.top_k` (on the CPU the same result from `lh_jax._native.top_k`, a threaded
+    kernel: XLA:CPU's top_k runs on one thread). Returns (idx [..., num_chunks] int32 ascending, valid [...,
     num_chunks] bool); unused slots hold C (they sort last) and are not valid.
     """
     C = scores.shape[-1]
@@ -200,7 +203,7 @@ def select_chunks(scores, cur, num_chunks: int, force_prev=True):
     parts, oks = [], []
     if n_free > 0:
         k = min(n_free, C)
-        vals, picks = jax.lax.top_k(jnp.where(candidate, scores.astype(jnp.float32), NEG_INF), k)
+        vals, picks = _native.top_k(jnp.where(candidate, scores.astype(jnp.float32), NEG_INF), k)
         parts.append(picks.astype(jnp.int32))
         oks.append(vals > NEG_INF)
     zero = jnp.zeros_like(cur)

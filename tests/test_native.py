@@ -1,0 +1,116 @@
+"""The native CPU top-k (lh_jax._native) against jax.lax.top_k: bit-identical values and indices
+(ties, signed zeros, infinities, NaNs), under jit/vmap/grad, across the kernel's thread blocks;
+its build, its switch and its fallback."""
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lh_jax import _native
+from lh_jax.chunks import select_chunks
+
+HAVE_CXX = _native._compiler() is not None
+
+# values that stress the order: ties, +-0, +-inf, both NaN signs
+SPECIAL = np.array([0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, np.nan, -np.nan, 1e-38, -1e-38], np.float32)
+
+
+def _same(a, b):
+    (va, ia), (vb, ib) = a, b
+    np.testing.assert_array_equal(np.asarray(ia), np.asarray(ib))
+    np.testing.assert_array_equal(np.asarray(va).view(np.int32), np.asarray(vb).view(np.int32))
+
+
+def test_native_kernel_builds_where_a_compiler_exists():
+    if not HAVE_CXX:
+        pytest.skip("no C++ compiler on this machine")
+    assert _native.available(), _native._state.get("why")
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 40), n=st.integers(1, 300), data=st.data())
+def test_top_k_equals_lax(rows, n, data):
+    k = data.draw(st.integers(1, n))
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, n)).astype(np.float32)
+    mode = data.draw(st.sampled_from(["plain", "ties", "special", "masked"]))
+    if mode == "ties":
+        x = np.round(x).astype(np.float32)
+    elif mode == "special":
+        x = np.where(rng.random(x.shape) < 0.5, rng.choice(SPECIAL, x.shape), x).astype(np.float32)
+    elif mode == "masked":  # the LongHeads shape: candidates then a -inf tail per row
+        hi = rng.integers(0, n + 1, size=(rows, 1))
+        x = np.where(np.arange(n)[None] < hi, x, -np.inf).astype(np.float32)
+    f = jax.jit(lambda x: _native.top_k(x, k))
+    _same(f(x), jax.lax.top_k(x, k))
+
+
+def test_many_rows_over_thread_blocks_and_large_k():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((20000, 64)).astype(np.float32)
+    x[:, ::5] = 0.5  # ties across the row
+    for k in (1, 13, 64):
+        _same(jax.jit(lambda x: _native.top_k(x, k))(x), jax.lax.top_k(x, k))
+    y = rng.standard_normal((300, 400)).astype(np.float32)  # k > 64: the partial-sort path
+    _same(jax.jit(lambda y: _native.top_k(y, 150))(y), jax.lax.top_k(y, 150))
+
+
+def test_batched_shapes_vmap_and_grad():
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((3, 5, 7, 33)).astype(np.float32))
+    _same(_native.top_k(x, 6), jax.lax.top_k(x, 6))
+    _same(jax.vmap(lambda r: _native.top_k(r, 4))(x), jax.vmap(lambda r: jax.lax.top_k(r, 4))(x))
+
+    def loss(fn):
+        return lambda x: jnp.sum(fn(x, 5)[0] * jnp.arange(5.0))
+
+    np.testing.assert_array_equal(np.asarray(jax.grad(loss(_native.top_k))(x)),
+                                  np.asarray(jax.grad(loss(jax.lax.top_k))(x)))
+
+
+def test_selection_lowers_to_the_native_kernel_on_cpu():
+    if not _native.available() or jax.default_backend() != "cpu":
+        pytest.skip("native kernel unavailable, or not on the CPU")
+    scores = jnp.zeros((2, 9, 40), jnp.float32)
+    cur = jnp.full((2, 9), 30, jnp.int32)
+    hlo = jax.jit(lambda s, c: select_chunks(s, c, 16)).lower(scores, cur).as_text()
+    assert _native._TARGET in hlo
+
+
+def test_switch_off_and_build_failure_fall_back(monkeypatch, tmp_path):
+    x = np.random.default_rng(3).standard_normal((4, 50)).astype(np.float32)
+    monkeypatch.setattr(_native, "_state", {})
+    monkeypatch.setenv("LH_JAX_NATIVE", "off")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not _native.available()
+    _same(_native.top_k(x, 7), jax.lax.top_k(x, 7))
+
+    monkeypatch.setattr(_native, "_state", {})
+    monkeypatch.delenv("LH_JAX_NATIVE")
+    monkeypatch.setenv("LH_JAX_NATIVE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(RuntimeError, match="no-such-compiler"):
+        _native.build()
+    with pytest.warns(RuntimeWarning, match="native CPU top-k is unavailable"):
+        assert not _native.available()
+    _same(_native.top_k(x, 7), jax.lax.top_k(x, 7))
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_build_error_names_the_compiler_output(monkeypatch, tmp_path):
+    bad = tmp_path / "topk.cc"
+    bad.write_text("this is not C++\n")
+    monkeypatch.setattr(_native, "_SOURCE", bad)
+    monkeypatch.setenv("LH_JAX_NATIVE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", "g++")
+    with pytest.raises(RuntimeError, match="failed to build topk.cc"):
+        _native.build()
