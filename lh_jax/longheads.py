@@ -426,7 +426,6 @@ class LongHeads:
         tiles_c = (total + R - 1) // R
         tile_end = jnp.cumsum(tiles_c, axis=-1)  # B K C
         tile_off = jnp.repeat(tile_end - tiles_c, G, axis=1)  # B H C
-        n_tiles = jnp.max(tile_end[..., -1])
         nT = -(-G * Tq * N // R) + C  # static bound on tiles per kv head
 
         t_idx = jnp.arange(Tq, dtype=jnp.int32)
@@ -457,53 +456,61 @@ class LongHeads:
                              axis=-1, dtype=jnp.int32)
         tile_chunk = jnp.minimum(tile_chunk, C - 1)  # B K nT
 
-        # pass 2: walk the tiles with a running softmax per (head, query); row G·Tq is a sink
-        k_c = kh_loc.reshape(B, K, C, l, D)
-        v_c = vh.reshape(B, K, C, l, D)
+        # pass 2: walk the tiles with a running softmax per (head, query); row G·Tq is a sink. One
+        # kv head at a time (lax.map): the rows a tile gathers and updates are scattered over the
+        # whole running state, so the state of one head (a third of the bytes on the default
+        # model) keeps those reads in cache longer as T grows.
         qsel = jnp.pad(base[:, :, S0:].reshape(B, K, G * Tq, D).astype(jnp.float32) * scale,
                        ((0, 0), (0, 0), (0, 1), (0, 0)))  # B K (G·Tq + 1) D, scaled by 1/sqrt(D)
         o_key = jnp.arange(l, dtype=jnp.int32)
-        b_ix = jnp.arange(B)[:, None, None]
-        k_ix = jnp.arange(K)[None, :, None]
-
+        b_ix = jnp.arange(B)[:, None]
+        Rows = G * Tq + 1
         pib = "promise_in_bounds"  # every index below is in range by construction
 
-        def tile(i, carry):
-            mx, den, acc = carry
-            c = tile_chunk[:, :, i]  # B K
-            rows = jax.lax.dynamic_slice_in_dim(row_q, i * R, R, axis=2)  # B K R
-            rr = jax.lax.dynamic_slice_in_dim(row_rot, i * R, R, axis=2)
-            qv = jnp.take_along_axis(qsel, rows[..., None], axis=2, mode=pib)  # B K R D
-            cos_r = cos_tab.at[b_ix, rr].get(mode=pib)
-            sin_r = sin_tab.at[b_ix, rr].get(mode=pib)
-            qr = (qv * cos_r + _rot_half(qv) * sin_r).astype(qh.dtype)
-            cidx = c[:, :, None, None, None]
-            Kc = jnp.take_along_axis(k_c, cidx, axis=2, mode=pib)[:, :, 0]  # B K l D
-            Vc = jnp.take_along_axis(v_c, cidx, axis=2, mode=pib)[:, :, 0]
-            s = jnp.einsum("BKRD,BKlD->BKRl", qr, Kc, preferred_element_type=jnp.float32)
-            lim = jax.lax.dynamic_slice_in_dim(row_lim, i * R, R, axis=2)
-            mask = o_key < lim[..., None]
-            s = jnp.where(mask, s, MASK_VALUE)
-            get = lambda x: x.at[b_ix, k_ix, rows].get(mode=pib)
-            m_old, d_old, a_old = get(mx), get(den), get(acc)
-            m_new = jnp.maximum(m_old, jnp.max(s, axis=-1))
-            p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
-            corr = jnp.exp(m_old - m_new)
-            d_new = d_old * corr + jnp.sum(p, axis=-1)
-            a_new = a_old * corr[..., None] + jnp.einsum("BKRl,BKlD->BKRD", p.astype(vh.dtype), Vc,
-                                                         preferred_element_type=jnp.float32)
-            # rows are distinct within a tile except the padding sink row (discarded)
-            put = lambda x, y: x.at[b_ix, k_ix, rows].set(y, mode=pib, unique_indices=True)
-            return put(mx, m_new), put(den, d_new), put(acc, a_new)
+        def head(xs):
+            k_c, v_c, qs, row_q, row_rot, row_lim, tile_chunk, n_t = xs  # per kv head: B C l D, ..., B nT
 
-        def maybe_tile(i, carry):
-            return jax.lax.cond(i < n_tiles, lambda c_: tile(i, c_), lambda c_: c_, carry)
+            def tile(i, carry):
+                mx, den, acc = carry  # B Rows, B Rows, B Rows D
+                c = tile_chunk[:, i]  # B
+                rows = jax.lax.dynamic_slice_in_dim(row_q, i * R, R, axis=1)  # B R
+                rr = jax.lax.dynamic_slice_in_dim(row_rot, i * R, R, axis=1)
+                qv = jnp.take_along_axis(qs, rows[..., None], axis=1, mode=pib)  # B R D
+                cos_r = cos_tab.at[b_ix, rr].get(mode=pib)
+                sin_r = sin_tab.at[b_ix, rr].get(mode=pib)
+                qr = (qv * cos_r + _rot_half(qv) * sin_r).astype(qh.dtype)
+                cidx = c[:, None, None, None]
+                Kc = jnp.take_along_axis(k_c, cidx, axis=1, mode=pib)[:, 0]  # B l D
+                Vc = jnp.take_along_axis(v_c, cidx, axis=1, mode=pib)[:, 0]
+                s = jnp.einsum("BRD,BlD->BRl", qr, Kc, preferred_element_type=jnp.float32)
+                lim = jax.lax.dynamic_slice_in_dim(row_lim, i * R, R, axis=1)
+                mask = o_key < lim[..., None]
+                s = jnp.where(mask, s, MASK_VALUE)
+                get = lambda x: x.at[b_ix, rows].get(mode=pib)
+                m_old, d_old, a_old = get(mx), get(den), get(acc)
+                m_new = jnp.maximum(m_old, jnp.max(s, axis=-1))
+                p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+                corr = jnp.exp(m_old - m_new)
+                d_new = d_old * corr + jnp.sum(p, axis=-1)
+                a_new = a_old * corr[..., None] + jnp.einsum("BRl,BlD->BRD", p.astype(vh.dtype), Vc,
+                                                             preferred_element_type=jnp.float32)
+                # rows are distinct within a tile except the padding sink row (discarded)
+                put = lambda x, y: x.at[b_ix, rows].set(y, mode=pib, unique_indices=True)
+                return put(mx, m_new), put(den, d_new), put(acc, a_new)
 
-        Rows = G * Tq + 1
-        init = (jnp.full((B, K, Rows), MASK_VALUE, jnp.float32), jnp.zeros((B, K, Rows), jnp.float32),
-                jnp.zeros((B, K, Rows, D), jnp.float32))
-        _, den, acc = jax.lax.fori_loop(0, nT, maybe_tile, init)
-        out = acc[:, :, :G * Tq] / den[:, :, :G * Tq, None]
+            def maybe_tile(i, carry):
+                return jax.lax.cond(i < n_t, lambda c_: tile(i, c_), lambda c_: c_, carry)
+
+            init = (jnp.full((B, Rows), MASK_VALUE, jnp.float32), jnp.zeros((B, Rows), jnp.float32),
+                    jnp.zeros((B, Rows, D), jnp.float32))
+            _, den, acc = jax.lax.fori_loop(0, nT, maybe_tile, init)
+            return acc[:, :G * Tq] / den[:, :G * Tq, None]  # B (G·Tq) D
+
+        kfirst = lambda x: jnp.moveaxis(x, 1, 0)
+        out = jax.lax.map(head, (kfirst(kh_loc.reshape(B, K, C, l, D)), kfirst(vh.reshape(B, K, C, l, D)),
+                                 kfirst(qsel), kfirst(row_q), kfirst(row_rot), kfirst(row_lim),
+                                 kfirst(tile_chunk), jnp.max(tile_end[..., -1], axis=0)))  # K B (G·Tq) D
+        out = jnp.moveaxis(out, 0, 1)
         out = out.reshape(B, H, Tq, D).transpose(0, 2, 1, 3)  # B Tq H D
         return out, sel
 
