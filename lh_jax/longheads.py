@@ -71,6 +71,12 @@ def _rotate_in_chunk(x_BHTD, cos_BlD, sin_BlD):
     return out.reshape(B, H, T, D)
 
 
+
+def _pass2_kv_heads(num_kv_heads: int) -> int:
+    """How many kv heads the dispatch kernel's tile loop handles per step: one on the CPU (its
+    running state then stays in cache longer), all of them elsewhere (fewer, larger steps)."""
+    return 1 if jax.default_backend() == "cpu" else num_kv_heads
+
 @dataclasses.dataclass(frozen=True)
 class LongHeads:
     """LongHeads attention settings; pass as `attention=` to `lh_jax.forward` / `generate`.
@@ -456,61 +462,67 @@ class LongHeads:
                              axis=-1, dtype=jnp.int32)
         tile_chunk = jnp.minimum(tile_chunk, C - 1)  # B K nT
 
-        # pass 2: walk the tiles with a running softmax per (head, query); row G·Tq is a sink. One
-        # kv head at a time (lax.map): the rows a tile gathers and updates are scattered over the
-        # whole running state, so the state of one head (a third of the bytes on the default
-        # model) keeps those reads in cache longer as T grows.
+        # pass 2: walk the tiles with a running softmax per (head, query); row G·Tq is a sink. On the
+        # CPU one kv head at a time (lax.map): the rows a tile gathers and updates are scattered over
+        # the whole running state, and one head's state (a third of the bytes on the default model)
+        # keeps those reads in cache longer as T grows. Elsewhere all kv heads share each tile step
+        # (fewer, larger steps; the variant measured on GPUs).
+        kg = _pass2_kv_heads(K)  # kv heads per step
         qsel = jnp.pad(base[:, :, S0:].reshape(B, K, G * Tq, D).astype(jnp.float32) * scale,
                        ((0, 0), (0, 0), (0, 1), (0, 0)))  # B K (G·Tq + 1) D, scaled by 1/sqrt(D)
         o_key = jnp.arange(l, dtype=jnp.int32)
-        b_ix = jnp.arange(B)[:, None]
+        b_ix = jnp.arange(B)[:, None, None]
+        k_ix = jnp.arange(kg)[None, :, None]
         Rows = G * Tq + 1
         pib = "promise_in_bounds"  # every index below is in range by construction
 
-        def head(xs):
-            k_c, v_c, qs, row_q, row_rot, row_lim, tile_chunk, n_t = xs  # per kv head: B C l D, ..., B nT
+        def heads(xs):
+            k_c, v_c, qs, row_q, row_rot, row_lim, tile_chunk, n_t = xs  # kg kv heads: B kg C l D, ...
 
             def tile(i, carry):
-                mx, den, acc = carry  # B Rows, B Rows, B Rows D
-                c = tile_chunk[:, i]  # B
-                rows = jax.lax.dynamic_slice_in_dim(row_q, i * R, R, axis=1)  # B R
-                rr = jax.lax.dynamic_slice_in_dim(row_rot, i * R, R, axis=1)
-                qv = jnp.take_along_axis(qs, rows[..., None], axis=1, mode=pib)  # B R D
+                mx, den, acc = carry  # B kg Rows, B kg Rows, B kg Rows D
+                c = tile_chunk[:, :, i]  # B kg
+                rows = jax.lax.dynamic_slice_in_dim(row_q, i * R, R, axis=2)  # B kg R
+                rr = jax.lax.dynamic_slice_in_dim(row_rot, i * R, R, axis=2)
+                qv = jnp.take_along_axis(qs, rows[..., None], axis=2, mode=pib)  # B kg R D
                 cos_r = cos_tab.at[b_ix, rr].get(mode=pib)
                 sin_r = sin_tab.at[b_ix, rr].get(mode=pib)
                 qr = (qv * cos_r + _rot_half(qv) * sin_r).astype(qh.dtype)
-                cidx = c[:, None, None, None]
-                Kc = jnp.take_along_axis(k_c, cidx, axis=1, mode=pib)[:, 0]  # B l D
-                Vc = jnp.take_along_axis(v_c, cidx, axis=1, mode=pib)[:, 0]
-                s = jnp.einsum("BRD,BlD->BRl", qr, Kc, preferred_element_type=jnp.float32)
-                lim = jax.lax.dynamic_slice_in_dim(row_lim, i * R, R, axis=1)
+                cidx = c[:, :, None, None, None]
+                Kc = jnp.take_along_axis(k_c, cidx, axis=2, mode=pib)[:, :, 0]  # B kg l D
+                Vc = jnp.take_along_axis(v_c, cidx, axis=2, mode=pib)[:, :, 0]
+                s = jnp.einsum("BKRD,BKlD->BKRl", qr, Kc, preferred_element_type=jnp.float32)
+                lim = jax.lax.dynamic_slice_in_dim(row_lim, i * R, R, axis=2)
                 mask = o_key < lim[..., None]
                 s = jnp.where(mask, s, MASK_VALUE)
-                get = lambda x: x.at[b_ix, rows].get(mode=pib)
+                get = lambda x: x.at[b_ix, k_ix, rows].get(mode=pib)
                 m_old, d_old, a_old = get(mx), get(den), get(acc)
                 m_new = jnp.maximum(m_old, jnp.max(s, axis=-1))
                 p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
                 corr = jnp.exp(m_old - m_new)
                 d_new = d_old * corr + jnp.sum(p, axis=-1)
-                a_new = a_old * corr[..., None] + jnp.einsum("BRl,BlD->BRD", p.astype(vh.dtype), Vc,
+                a_new = a_old * corr[..., None] + jnp.einsum("BKRl,BKlD->BKRD", p.astype(vh.dtype), Vc,
                                                              preferred_element_type=jnp.float32)
                 # rows are distinct within a tile except the padding sink row (discarded)
-                put = lambda x, y: x.at[b_ix, rows].set(y, mode=pib, unique_indices=True)
+                put = lambda x, y: x.at[b_ix, k_ix, rows].set(y, mode=pib, unique_indices=True)
                 return put(mx, m_new), put(den, d_new), put(acc, a_new)
 
             def maybe_tile(i, carry):
                 return jax.lax.cond(i < n_t, lambda c_: tile(i, c_), lambda c_: c_, carry)
 
-            init = (jnp.full((B, Rows), MASK_VALUE, jnp.float32), jnp.zeros((B, Rows), jnp.float32),
-                    jnp.zeros((B, Rows, D), jnp.float32))
+            init = (jnp.full((B, kg, Rows), MASK_VALUE, jnp.float32), jnp.zeros((B, kg, Rows), jnp.float32),
+                    jnp.zeros((B, kg, Rows, D), jnp.float32))
             _, den, acc = jax.lax.fori_loop(0, nT, maybe_tile, init)
-            return acc[:, :G * Tq] / den[:, :G * Tq, None]  # B (G·Tq) D
+            return acc[:, :, :G * Tq] / den[:, :, :G * Tq, None]  # B kg (G·Tq) D
 
-        kfirst = lambda x: jnp.moveaxis(x, 1, 0)
-        out = jax.lax.map(head, (kfirst(kh_loc.reshape(B, K, C, l, D)), kfirst(vh.reshape(B, K, C, l, D)),
-                                 kfirst(qsel), kfirst(row_q), kfirst(row_rot), kfirst(row_lim),
-                                 kfirst(tile_chunk), jnp.max(tile_end[..., -1], axis=0)))  # K B (G·Tq) D
-        out = jnp.moveaxis(out, 0, 1)
+        def steps(x):  # B K ... -> K/kg B kg ...
+            return jnp.moveaxis(x.reshape(B, K // kg, kg, *x.shape[2:]), 1, 0)
+
+        n_t = jnp.max(tile_end[..., -1].reshape(B, K // kg, kg), axis=(0, 2))  # tiles per step
+        out = jax.lax.map(heads, (steps(kh_loc.reshape(B, K, C, l, D)), steps(vh.reshape(B, K, C, l, D)),
+                                  steps(qsel), steps(row_q), steps(row_rot), steps(row_lim), steps(tile_chunk),
+                                  n_t))  # K/kg B kg (G·Tq) D
+        out = jnp.moveaxis(out, 0, 1).reshape(B, K, G * Tq, D)
         out = out.reshape(B, H, Tq, D).transpose(0, 2, 1, 3)  # B Tq H D
         return out, sel
 

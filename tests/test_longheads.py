@@ -266,6 +266,20 @@ def test_selection_pass_in_several_steps(gqa, monkeypatch, blocks_per_step):
     assert max_err(logits, base_logits) <= EXACT
 
 
+
+@pytest.mark.parametrize("per_step", ["all", "one"])
+def test_tile_loop_kv_heads_per_step(gqa, monkeypatch, per_step):
+    """The dispatch kernel's tile loop takes one kv head per step on the CPU and all of them
+    elsewhere; both groupings give the selections and logits of the other (this runs the
+    non-default one on whatever backend runs the tests)."""
+    from lh_jax import longheads
+    base_logits, base_sel = run_forward(gqa, LH)
+    monkeypatch.setattr(longheads, "_pass2_kv_heads", (lambda K: K) if per_step == "all" else (lambda K: 1))
+    attention = lh(tile_rows=2050 if per_step == "all" else 2051)  # a distinct config: traced anew
+    logits, sel = run_forward(gqa, attention)
+    np.testing.assert_array_equal(sel, base_sel)
+    assert max_err(logits, base_logits) <= EXACT
+
 def test_auto_kernel_is_dispatch_and_names_resolve():
     assert LH.kernel == "auto"
     assert LH.kernel_name == "dispatch"
