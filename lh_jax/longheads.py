@@ -71,11 +71,11 @@ def _rotate_in_chunk(x_BHTD, cos_BlD, sin_BlD):
     return out.reshape(B, H, T, D)
 
 
-
 def _pass2_kv_heads(num_kv_heads: int) -> int:
     """How many kv heads the dispatch kernel's tile loop handles per step: one on the CPU (its
     running state then stays in cache longer), all of them elsewhere (fewer, larger steps)."""
     return 1 if jax.default_backend() == "cpu" else num_kv_heads
+
 
 @dataclasses.dataclass(frozen=True)
 class LongHeads:
