@@ -176,15 +176,20 @@ def format_table(rows: list[dict]) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="model path (default: embedded SmolLM2-135M)")
-    p.add_argument("--lengths", default="1k,4k,8k", help="prompt lengths, e.g. 1k,4k,8k")
+    p.add_argument("--lengths", default=None,
+                   help="prompt lengths, e.g. 1k,4k,8k (default: 1k,4k,8k; with a window method 4k,8k,16k,32k)")
     p.add_argument("--repeats", type=int, default=3, help="timed prefill runs per cell (median)")
     p.add_argument("--decode-steps", type=int, default=16, help="timed decode steps per cell (median)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     p.add_argument("--no-torch", action="store_true", help="skip the transformers baseline")
     p.add_argument("--windows", default=None,
                    help="window methods only: comma list of CHUNKxNUM (e.g. 128x16,256x16), one row each; "
-                        "lh-jax full attention runs alongside unless --no-full")
+                        "lh-jax full attention runs alongside unless --no-full (default: --chunk-size x "
+                        "--num-chunks when either is given, else 128x16,256x16)")
     p.add_argument("--no-full", action="store_true", help="with a window method: skip lh-jax full attention")
+    p.add_argument("--full-up-to", default=None,
+                   help="with a window method: run the full-attention rows (lh-jax and transformers) only up "
+                        "to this length (default 16k; 'all' for every length)")
     p.add_argument("--text", default="hamlet", choices=["hamlet", "random"],
                    help="prompt tokens: Hamlet (repeated past its end) or random ids")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
@@ -194,49 +199,140 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="also write the rows as JSON here")
     from lh_jax.cli import add_attention_arguments
     add_attention_arguments(p)
+    # None = not given, so that a window method can default to the issue's two windows
+    p.set_defaults(chunk_size=None, num_chunks=None)
+
+
+WINDOW_METHODS = ("sliding", "longheads", "longheads-ref")
+DEFAULT_WINDOWS = "128x16,256x16"
+
+
+def resolve_defaults(args) -> None:
+    """Fill the flags left unset: a window method (`--attention longheads`) benches the issue's grid
+    (4k-32k, windows 128x16 and 256x16, full attention up to 16k); anything else 1k,4k,8k."""
+    window = getattr(args, "attention", "full") in WINDOW_METHODS
+    if args.lengths is None:
+        args.lengths = "4k,8k,16k,32k" if window else "1k,4k,8k"
+    if window and args.windows is None and args.chunk_size is None and args.num_chunks is None:
+        args.windows = DEFAULT_WINDOWS
+    if args.chunk_size is None:
+        args.chunk_size = 256
+    if args.num_chunks is None:
+        args.num_chunks = 16
+    if getattr(args, "full_up_to", None) is None:
+        args.full_up_to = "16k" if window else "all"
+    if str(args.full_up_to).lower() == "all":
+        args.full_up_to_tokens = None
+    else:
+        try:
+            args.full_up_to_tokens = parse_lengths(str(args.full_up_to))[0]
+        except ValueError:
+            raise SystemExit(f"--full-up-to: expected a length like 16k or 'all', got {args.full_up_to!r}")
 
 
 def cli_main(args) -> None:
     from lh_jax.cli import attention_spec
+    resolve_defaults(args)
     args.attention_spec = attention_spec(args)
     run(args)
+
+
+def scaling_summary(rows: list[dict]) -> list[dict]:
+    """The issue's floors, per window row set: t(L)/t(L/2) for the longest length L whose half was
+    also run; prefill at each length against transformers' float32 full attention at the same
+    length; decode ms/token at the longest against the shortest length; peak RSS at the longest."""
+    ok = [r for r in rows if "error" not in r]
+    torch = {r["length"]: r for r in ok if r["impl"] == "transformers" and r.get("dtype", "float32") == "float32"}
+    out = []
+    for label in dict.fromkeys(r["attention"] for r in ok if r["impl"] == "lh-jax" and r["attention"] != "full"):
+        mine = {r["length"]: r for r in ok if r["impl"] == "lh-jax" and r["attention"] == label}
+        lengths = sorted(mine)
+        s = {"attention": label, "lengths": lengths}
+        pairs = [n for n in lengths if n % 2 == 0 and n // 2 in mine]
+        if pairs:
+            n = pairs[-1]
+            s["prefill_ratio"] = {"long": n, "short": n // 2,
+                                  "value": mine[n]["prefill_s"] / mine[n // 2]["prefill_s"]}
+        both = [n for n in lengths if n in torch]
+        if both:
+            n = both[-1]
+            s["vs_transformers"] = {"length": n, "value": mine[n]["prefill_s"] / torch[n]["prefill_s"]}
+        if len(lengths) > 1:
+            s["decode_ratio"] = {"long": lengths[-1], "short": lengths[0],
+                                 "value": mine[lengths[-1]]["decode_ms"] / mine[lengths[0]]["decode_ms"]}
+        s["peak_rss_gib"] = {"length": lengths[-1], "value": mine[lengths[-1]]["peak_rss_gib"]}
+        out.append(s)
+    return out
+
+
+def _k(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def format_summary(summary: list[dict]) -> str:
+    lines = ["| attention | prefill t(long) / t(long/2) | prefill / transformers' | decode long / short | "
+             "peak RSS GiB at longest |", "|---|---:|---:|---:|---:|"]
+    for s in summary:
+        cells = []
+        p = s.get("prefill_ratio")
+        cells.append(f"{p['value']:.2f} ({_k(p['long'])} / {_k(p['short'])})" if p else "–")
+        v = s.get("vs_transformers")
+        cells.append(f"{v['value']:.2f}× ({_k(v['length'])})" if v else "–")
+        d = s.get("decode_ratio")
+        cells.append(f"{d['value']:.2f} ({_k(d['long'])} / {_k(d['short'])})" if d else "–")
+        m = s["peak_rss_gib"]
+        cells.append(f"{m['value']:.2f} ({_k(m['length'])})")
+        lines.append(f"| {s['attention']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def run(args) -> list[dict]:
     from tqdm.auto import tqdm
     lengths = parse_lengths(args.lengths)
     base = dict(args.attention_spec)
+    window = base.get("method", "full") in WINDOW_METHODS
     cells = []
-    if base.get("method", "full") in ("sliding", "longheads", "longheads-ref"):
+    if window:
         windows = args.windows.split(",") if args.windows else [f"{base['chunk_size']}x{base['num_chunks']}"]
         for w in windows:
             try:
                 c, n = (int(x) for x in w.lower().split("x"))
             except ValueError:
                 raise SystemExit(f"--windows: expected CHUNKxNUM like 128x16, got {w!r}")
-            cells.append(("lh-jax", {**base, "chunk_size": c, "num_chunks": n}))
+            cells.append(("lh-jax", {**base, "chunk_size": c, "num_chunks": n}, args.dtype, False))
         if not args.no_full:
-            cells.append(("lh-jax", {"method": "full"}))
+            cells.append(("lh-jax", {"method": "full"}, args.dtype, True))
     else:
-        cells.append(("lh-jax", base))
-    cells = [(impl, spec, args.dtype) for impl, spec in cells]
+        cells.append(("lh-jax", base, args.dtype, False))
     if not args.no_torch:
         for dt in args.torch_dtypes.split(","):
             if dt.strip() not in ("float32", "bfloat16"):
                 raise SystemExit(f"--torch-dtypes: expected float32 and/or bfloat16, got {dt!r}")
-            cells.append(("transformers", {"method": "full"}, dt.strip()))
+            cells.append(("transformers", {"method": "full"}, dt.strip(), window))
+    limit = getattr(args, "full_up_to_tokens", None)
+    # One cell's lengths run back to back (16k next to 32k), so that the ratio between them sees as
+    # little of the machine's drift as possible; the table is then sorted by length.
+    jobs = [(ci, length, cell) for ci, cell in enumerate(cells) for length in lengths
+            if not (cell[3] and limit is not None and length > limit)]
+    skipped = len(cells) * len(lengths) - len(jobs)
     rows = []
-    for length in tqdm(lengths, desc="bench lengths"):
-        for impl, spec, dt in cells:
-            rows.append(_run_cell(args, impl, length, spec, dt))
+    for ci, length, (impl, spec, dt, _) in tqdm(jobs, desc="bench cells"):
+        rows.append((length, ci, _run_cell(args, impl, length, spec, dt)))
+    rows = [r for _, _, r in sorted(rows, key=lambda x: (x[0], x[1]))]
     header = (f"# lh-jax bench — {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
               f"{datetime.date.today()}, model {args.model}, prompt {args.text}, median of {args.repeats} prefills "
               f"and {args.decode_steps} decode steps")
     print(header)
     print(format_table(rows))
+    if skipped:
+        print(f"(full-attention rows above {_k(limit)} skipped: --full-up-to {args.full_up_to})")
+    summary = scaling_summary(rows) if window else []
+    if summary:
+        print()
+        print(format_summary(summary))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"header": header, "rows": rows}, f, indent=1)
+            json.dump({"header": header, "rows": rows, "summary": summary}, f, indent=1)
     return rows
 
 
@@ -260,6 +356,7 @@ def main(argv=None):
                                args.dtype)
         print(json.dumps(res))
         return
+    resolve_defaults(args)
     run(args)
 
 
