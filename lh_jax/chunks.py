@@ -188,9 +188,10 @@ def select_chunks(scores, cur, num_chunks: int, force_prev=True):
     scores [..., C] (any float), cur [...] int (the query's own chunk), force_prev [...] bool.
     Forced: chunk 0, the own chunk `cur`, and `cur - 1` when `force_prev`. Free picks: the top
     `num_chunks - 3` scores among chunks 1..cur-2 (1..cur-1 when the previous chunk is not
-    forced), via `lax.top_k` (on the CPU the same result from `lh_jax._native.top_k`, a threaded
-    kernel: XLA:CPU's top_k runs on one thread). Returns (idx [..., num_chunks] int32 ascending, valid [...,
-    num_chunks] bool); unused slots hold C (they sort last) and are not valid.
+    forced), via `lax.top_k` (on the CPU the same picks from `lh_jax._native.top_k_picks`, a
+    threaded kernel that also returns them in index order: XLA:CPU's top_k runs on one thread).
+    Returns (idx [..., num_chunks] int32 ascending, valid [..., num_chunks] bool); unused slots
+    hold C (they sort last) and are not valid.
     """
     C = scores.shape[-1]
     cur = jnp.asarray(cur, jnp.int32)
@@ -200,20 +201,22 @@ def select_chunks(scores, cur, num_chunks: int, force_prev=True):
     cur_b, fp_b = cur[..., None], force_prev[..., None]
     hi = jnp.where(fp_b, cur_b - 2, cur_b - 1)
     candidate = (c >= 1) & (c <= hi)
-    parts, oks = [], []
-    if n_free > 0:
-        k = min(n_free, C)
-        vals, picks = _native.top_k(jnp.where(candidate, scores.astype(jnp.float32), NEG_INF), k)
-        parts.append(picks.astype(jnp.int32))
-        oks.append(vals > NEG_INF)
-    zero = jnp.zeros_like(cur)
-    forced = jnp.stack([zero, cur - 1, cur], axis=-1)
-    forced_ok = jnp.stack([jnp.ones_like(force_prev), force_prev & (cur >= 2), cur >= 1], axis=-1)
-    parts.append(forced)
-    oks.append(forced_ok)
-    idx = jnp.concatenate(parts, axis=-1)
-    ok = jnp.concatenate(oks, axis=-1)
-    idx = jnp.sort(jnp.where(ok, idx, C), axis=-1)
+    k = max(0, min(n_free, C))
+    if k:  # free picks: ascending, C after the valid ones (all lie in 1..hi)
+        free = _native.top_k_picks(jnp.where(candidate, scores.astype(jnp.float32), NEG_INF), k)
+    else:
+        free = jnp.zeros(cur.shape + (0,), jnp.int32)
+    # The forced chunks bracket the free picks: 0 below them, cur - 1 (when forced) and cur above,
+    # so the sorted selection is [0, free picks..., cur - 1, cur, C...] with no sort.
+    fp_ok = force_prev & (cur >= 2)
+    cur_v = jnp.where(cur >= 1, cur, C)
+    e1 = jnp.where(fp_ok, cur - 1, cur_v)[..., None]
+    e2 = jnp.where(fp_ok, cur_v, C)[..., None]
+    n_valid = jnp.sum(free < C, axis=-1, dtype=jnp.int32)[..., None]
+    lead = free.shape[:-1]
+    base = jnp.concatenate([jnp.zeros(lead + (1,), jnp.int32), free, jnp.full(lead + (2,), C, jnp.int32)], axis=-1)
+    s = jnp.arange(k + 3, dtype=jnp.int32)
+    idx = jnp.where(s == n_valid + 1, e1, jnp.where(s == n_valid + 2, e2, base))
     if idx.shape[-1] < num_chunks:  # fewer chunks exist than slots
         fill = jnp.full(idx.shape[:-1] + (num_chunks - idx.shape[-1],), C, jnp.int32)
         idx = jnp.concatenate([idx, fill], axis=-1)

@@ -28,6 +28,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from lh_jax import _native
 from lh_jax.chunks import POSITION_SCHEMES, SELECTORS, chunk_repr_from_name
 from lh_jax.models.attention import (MASK_VALUE, AttentionContext, _group, _ungroup, attend_stats,
                                      merge_stats, self_attention_stats)
@@ -398,14 +399,11 @@ class LongHeads:
             qb = jax.lax.dynamic_slice_in_dim(qh, i * l, l, axis=2)  # BHtD
             scores = self._scores(qb, reps[:, :, :width], H, K)
             sel, ok = self.selector_fn(scores, jnp.full(scores.shape[:-1], i, jnp.int32), N, True)  # BHtN
-            # which chunks each query selected: a scatter of the t·N selections (a compare of every
-            # selection with every chunk costs N·width per query)
-            b_, h_, t_ = (x[..., None] for x in jnp.indices(sel.shape[:-1], sparse=True))
-            M = jnp.zeros(sel.shape[:-1] + (width,), bool).at[b_, h_, t_, jnp.where(ok, sel, width)].set(
-                True, mode="drop")  # BHtW
-            before = jnp.cumsum(M, axis=2, dtype=jnp.int32) - M  # queries of the block before t with c
-            within = jnp.take_along_axis(before, jnp.minimum(sel, width - 1), axis=-1, mode="promise_in_bounds")
-            cnt = jnp.pad(jnp.sum(M, axis=2, dtype=jnp.int32), ((0, 0), (0, 0), (0, C - width)))
+            # per (batch, head): how many queries of the block picked each chunk, and for each pick
+            # how many earlier queries of the block picked its chunk (native on the CPU: O(t·N + width)
+            # instead of a [t, width] membership matrix per head)
+            within, cnt = _native.chunk_counts(jnp.where(ok, sel, width), width)  # BHtN, BHW
+            cnt = jnp.pad(cnt, ((0, 0), (0, 0), (0, C - width)))
             return jnp.where(ok, sel, C), ok, within, cnt
 
         n_seg = self.selection_segments or (4 if C >= 128 else 1)

@@ -1,7 +1,10 @@
-"""A CPU top-k for chunk selection: `top_k(x, k)` gives exactly `jax.lax.top_k(x, k)` (values and
-indices, ties to the lower index, float total order), computed on the CPU by a small C++ XLA FFI
-kernel that spreads the rows over XLA's threads (XLA:CPU runs top_k on one thread). Off the CPU,
-or where the kernel cannot be built, it is `jax.lax.top_k` itself.
+"""Small CPU kernels for chunk selection. `top_k(x, k)` gives exactly `jax.lax.top_k(x, k)`
+(values and indices, ties to the lower index, float total order), computed on the CPU by a C++
+XLA FFI kernel that spreads the rows over XLA's threads (XLA:CPU runs top_k on one thread).
+`chunk_counts(sel, width)` counts, per group of queries, how often each chunk was picked and how
+many earlier queries picked each pick's chunk (the dispatch kernel's counting sort), in
+O(picks + width) per group instead of XLA's O(queries x width) membership matrix. Off the CPU,
+or where the kernels cannot be built, both are plain JAX with the same results.
 
 The kernel is compiled on first use with the C++ compiler (`$CXX`, else `c++`/`g++`) against the
 XLA FFI headers that ship with jaxlib, and cached under `$LH_JAX_NATIVE_DIR` (default
@@ -27,6 +30,8 @@ import numpy as np
 
 _SOURCE = Path(__file__).with_name("topk.cc")
 _TARGET = "lh_jax_topk_f32"
+_COUNTS_TARGET = "lh_jax_chunk_counts"
+_PICKS_TARGET = "lh_jax_topk_picks_f32"
 _ENV_SWITCH = "LH_JAX_NATIVE"
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -96,6 +101,10 @@ def available() -> bool:
             try:
                 lib = ctypes.cdll.LoadLibrary(str(build()))
                 jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.LhJaxTopKF32), platform="cpu")
+                jax.ffi.register_ffi_target(_PICKS_TARGET, jax.ffi.pycapsule(lib.LhJaxTopKPicksF32),
+                                            platform="cpu")
+                jax.ffi.register_ffi_target(_COUNTS_TARGET, jax.ffi.pycapsule(lib.LhJaxChunkCounts),
+                                            platform="cpu")
                 _state["lib"] = lib
                 ok = True
             except (RuntimeError, OSError, AttributeError) as e:
@@ -139,3 +148,74 @@ def top_k(x, k: int):
             or not available()):
         return jax.lax.top_k(x, k)
     return _top_k_cpu(x, k)
+
+
+def top_k_picks_reference(x, k: int):
+    """`top_k_picks` from `jax.lax.top_k`: its indices whose value is > -inf, ascending, then
+    x.shape[-1] for the rest."""
+    vals, idx = jax.lax.top_k(x, k)
+    return jnp.sort(jnp.where(vals > -jnp.inf, idx, x.shape[-1]).astype(jnp.int32), axis=-1)
+
+
+def _picks_native(x, k: int):
+    lead = x.shape[:-1]
+    rows = int(np.prod(lead)) if lead else 1
+    out = jax.ffi.ffi_call(
+        _PICKS_TARGET,
+        (jax.ShapeDtypeStruct((rows, k), jnp.float32), jax.ShapeDtypeStruct((rows, k), jnp.int32),
+         jax.ShapeDtypeStruct((rows, k), jnp.int32)),
+        vmap_method="broadcast_all",
+    )(x.reshape(rows, x.shape[-1]))[2]
+    return out.reshape(*lead, k)
+
+
+def top_k_picks(x, k: int):
+    """The chunks a top-k selection picks, as LongHeads assembles them: the indices of
+    `jax.lax.top_k(x, k)` whose value is > -inf (a masked candidate is no pick), in ascending
+    order, then `x.shape[-1]` for the rest. Integer output: no gradient flows through it.
+    Native on the CPU (no separate sort), `top_k_picks_reference` elsewhere."""
+    x = jax.lax.stop_gradient(jnp.asarray(x))
+    if (x.dtype != jnp.float32 or x.ndim == 0 or not 1 <= k <= x.shape[-1] or x.size == 0
+            or not available()):
+        return top_k_picks_reference(x, k)
+    return jax.lax.platform_dependent(
+        x, cpu=lambda x: _picks_native(x, k), default=lambda x: top_k_picks_reference(x, k))
+
+
+def chunk_counts_reference(sel, width: int):
+    """`chunk_counts` in plain JAX: the [..., l, width] membership matrix of the picks and its
+    column sums (exclusive cumulative along the l queries for `within`)."""
+    sel = jnp.asarray(sel, jnp.int32)
+    lead, (l, n) = sel.shape[:-2], sel.shape[-2:]
+    s2 = sel.reshape(-1, l, n)
+    valid = (s2 >= 0) & (s2 < width)
+    idx = jnp.where(valid, s2, width)
+    g_ = jnp.arange(s2.shape[0])[:, None, None]
+    t_ = jnp.arange(l)[None, :, None]
+    M = jnp.zeros((s2.shape[0], l, width), bool).at[g_, t_, idx].set(True, mode="drop")
+    before = jnp.cumsum(M, axis=1, dtype=jnp.int32) - M  # earlier queries of the group, per chunk
+    within = jnp.take_along_axis(before, jnp.clip(idx, 0, width - 1), axis=-1, mode="promise_in_bounds")
+    within = jnp.where(valid, within, 0)
+    cnt = jnp.sum(M, axis=1, dtype=jnp.int32)
+    return within.reshape(sel.shape), cnt.reshape(*lead, width)
+
+
+def _counts_native(sel, width: int):
+    return tuple(jax.ffi.ffi_call(
+        _COUNTS_TARGET,
+        (jax.ShapeDtypeStruct(sel.shape, jnp.int32), jax.ShapeDtypeStruct(sel.shape[:-2] + (width,), jnp.int32)),
+        vmap_method="broadcast_all",
+    )(sel))
+
+
+def chunk_counts(sel, width: int):
+    """Per group of queries sel [..., l, N] (each query's picked chunks; a value outside
+    [0, width) is no pick): (within [..., l, N], cnt [..., width]) where within is the number of
+    earlier queries of the group (smaller l index) that picked the same chunk (0 for no pick) and
+    cnt the number of queries of the group that picked each chunk. A chunk listed twice by one
+    query counts once. Native on the CPU, `chunk_counts_reference` elsewhere."""
+    sel = jnp.asarray(sel, jnp.int32)
+    if sel.ndim < 2 or width < 1 or sel.size == 0 or not available():
+        return chunk_counts_reference(sel, width)
+    return tuple(jax.lax.platform_dependent(
+        sel, cpu=lambda s: _counts_native(s, width), default=lambda s: chunk_counts_reference(s, width)))

@@ -17,6 +17,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -75,10 +76,22 @@ void TopKRowLarge(const float* x, int64_t n, int64_t k, float* out_v, int32_t* o
 
 constexpr int64_t kSmallK = 64;
 
+// The picks of a top-k row as LongHeads uses them: the indices whose value is > -inf (NaN is not),
+// ascending, then n for the rest.
+void PicksRow(const float* x, int64_t n, int64_t k, const float* v, const int32_t* idx, int32_t* out) {
+  int64_t m = 0;
+  for (int64_t s = 0; s < k; ++s) {
+    if (v[s] > -std::numeric_limits<float>::infinity()) out[m++] = idx[s];
+  }
+  std::sort(out, out + m);
+  for (int64_t s = m; s < k; ++s) out[s] = static_cast<int32_t>(n);
+}
+
 struct Job {
   const float* x;
   float* v;
   int32_t* i;
+  int32_t* picks = nullptr;  // set: also write PicksRow of each row
   int64_t n, k, rows, rows_per_block, blocks;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
@@ -97,6 +110,7 @@ struct Job {
         } else {
           TopKRowLarge(x + r * n, n, k, v + r * k, i + r * k, scratch);
         }
+        if (picks) PicksRow(x + r * n, n, k, v + r * k, i + r * k, picks + r * k);
       }
       if (done.fetch_add(1) + 1 == blocks) {
         std::lock_guard<std::mutex> lock(mu);
@@ -106,8 +120,8 @@ struct Job {
   }
 };
 
-ffi::Error TopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                    ffi::ResultBuffer<ffi::F32> values, ffi::ResultBuffer<ffi::S32> indices) {
+ffi::Error TopKRun(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> values,
+                   ffi::ResultBuffer<ffi::S32> indices, int32_t* picks) {
   const auto dims = x.dimensions();
   if (dims.size() == 0) return ffi::Error::InvalidArgument("lh_jax top_k: the operand must have rank >= 1");
   const int64_t n = dims.back();
@@ -125,6 +139,7 @@ ffi::Error TopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   job->n = n;
   job->k = k;
   job->rows = rows;
+  job->picks = picks;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   // about four blocks per thread for balance, and each block worth tens of microseconds
   const int64_t min_rows = std::max<int64_t>(16, 16384 / n);
@@ -142,7 +157,71 @@ ffi::Error TopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+ffi::Error TopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> values,
+                    ffi::ResultBuffer<ffi::S32> indices) {
+  return TopKRun(pool, x, values, indices, nullptr);
+}
+
+ffi::Error TopKPicksImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> values,
+                         ffi::ResultBuffer<ffi::S32> indices, ffi::ResultBuffer<ffi::S32> picks) {
+  return TopKRun(pool, x, values, indices, picks->typed_data());
+}
+
+// Chunk counts of LongHeads' dispatch kernel, per group of l queries (one query block and head):
+// sel [..., l, N] holds each query's chunk picks (values outside [0, W) are not picks). For every
+// pick, within = how many earlier queries of the group picked the same chunk; cnt [..., W] = how
+// many queries of the group picked each chunk. A query that lists a chunk twice counts once, as a
+// set. The same as building the [l, W] membership matrix and taking its column cumsums, in O(l N + W)
+// instead of O(l W) per group.
+ffi::Error ChunkCountsImpl(ffi::Buffer<ffi::S32> sel, ffi::ResultBuffer<ffi::S32> within,
+                           ffi::ResultBuffer<ffi::S32> cnt) {
+  const auto dims = sel.dimensions();
+  const auto cdims = cnt->dimensions();
+  if (dims.size() < 2 || cdims.size() < 1)
+    return ffi::Error::InvalidArgument("lh_jax chunk_counts: sel must have rank >= 2");
+  const int64_t l = dims[dims.size() - 2], n = dims.back(), w = cdims.back();
+  const int64_t groups = l * n ? static_cast<int64_t>(sel.element_count()) / (l * n) : 0;
+  if (groups * w != static_cast<int64_t>(cnt->element_count()))
+    return ffi::Error::InvalidArgument("lh_jax chunk_counts: cnt must be [..., W] for sel [..., l, N]");
+  const int32_t* s = sel.typed_data();
+  int32_t* out_w = within->typed_data();
+  int32_t* out_c = cnt->typed_data();
+  std::vector<int64_t> stamp(w);
+  for (int64_t g = 0; g < groups; ++g) {
+    int32_t* count = out_c + g * w;
+    std::fill(count, count + w, 0);
+    std::fill(stamp.begin(), stamp.end(), -1);
+    for (int64_t t = 0; t < l; ++t) {
+      const int32_t* row = s + (g * l + t) * n;
+      int32_t* wrow = out_w + (g * l + t) * n;
+      for (int64_t j = 0; j < n; ++j) {
+        const int32_t c = row[j];
+        wrow[j] = (c >= 0 && c < w) ? (stamp[c] == t ? count[c] - 1 : count[c]) : 0;
+        if (c >= 0 && c < w && stamp[c] != t) {
+          stamp[c] = t;
+          ++count[c];
+        }
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LhJaxChunkCounts, ChunkCountsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LhJaxTopKPicksF32, TopKPicksImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LhJaxTopKF32, TopKImpl,
                               ffi::Ffi::Bind()
