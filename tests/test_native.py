@@ -35,21 +35,27 @@ def test_native_kernel_builds_where_a_compiler_exists():
     assert _native.available(), _native._state.get("why")
 
 
-@settings(max_examples=60, deadline=None)
-@given(rows=st.integers(1, 40), n=st.integers(1, 300), data=st.data())
-def test_top_k_equals_lax(rows, n, data):
-    k = data.draw(st.integers(1, n))
-    seed = data.draw(st.integers(0, 2**31 - 1))
-    rng = np.random.default_rng(seed)
+def _draw_rows(data, rows, n):
+    """[rows, n] float32 scores: plain, rounded (ties), special values, or the LongHeads shape
+    (candidates then a -inf tail per row)."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31 - 1)))
     x = rng.standard_normal((rows, n)).astype(np.float32)
     mode = data.draw(st.sampled_from(["plain", "ties", "special", "masked"]))
     if mode == "ties":
         x = np.round(x).astype(np.float32)
     elif mode == "special":
         x = np.where(rng.random(x.shape) < 0.5, rng.choice(SPECIAL, x.shape), x).astype(np.float32)
-    elif mode == "masked":  # the LongHeads shape: candidates then a -inf tail per row
+    elif mode == "masked":
         hi = rng.integers(0, n + 1, size=(rows, 1))
         x = np.where(np.arange(n)[None] < hi, x, -np.inf).astype(np.float32)
+    return x
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 40), n=st.integers(1, 300), data=st.data())
+def test_top_k_equals_lax(rows, n, data):
+    k = data.draw(st.integers(1, n))
+    x = _draw_rows(data, rows, n)
     f = jax.jit(lambda x: _native.top_k(x, k))
     _same(f(x), jax.lax.top_k(x, k))
 
@@ -102,16 +108,7 @@ def _picks_direct(x, k):
 @given(rows=st.integers(1, 30), n=st.integers(1, 200), data=st.data())
 def test_top_k_picks_are_lax_top_k_sorted(rows, n, data):
     k = data.draw(st.integers(1, min(n, 80)))
-    rng = np.random.default_rng(data.draw(st.integers(0, 2**31 - 1)))
-    x = rng.standard_normal((rows, n)).astype(np.float32)
-    mode = data.draw(st.sampled_from(["plain", "ties", "special", "masked"]))
-    if mode == "ties":
-        x = np.round(x).astype(np.float32)
-    elif mode == "special":
-        x = np.where(rng.random(x.shape) < 0.5, rng.choice(SPECIAL, x.shape), x).astype(np.float32)
-    elif mode == "masked":
-        hi = rng.integers(0, n + 1, size=(rows, 1))
-        x = np.where(np.arange(n)[None] < hi, x, -np.inf).astype(np.float32)
+    x = _draw_rows(data, rows, n)
     got = np.asarray(jax.jit(lambda x: _native.top_k_picks(x, k))(x))
     np.testing.assert_array_equal(got, _picks_direct(x, k))
     np.testing.assert_array_equal(np.asarray(_native.top_k_picks_reference(x, k)), got)
