@@ -1,6 +1,7 @@
 """Small CPU kernels for chunk selection. `top_k(x, k)` gives exactly `jax.lax.top_k(x, k)`
 (values and indices, ties to the lower index, float total order), computed on the CPU by a C++
-XLA FFI kernel that spreads the rows over XLA's threads (XLA:CPU runs top_k on one thread).
+XLA FFI kernel that spreads the rows over XLA's threads (XLA:CPU runs top_k on one thread);
+`top_k_picks(x, k)` gives the same top-k's indices in index order from that kernel, without a sort.
 `chunk_counts(sel, width)` counts, per group of queries, how often each chunk was picked and how
 many earlier queries picked each pick's chunk (the dispatch kernel's counting sort), in
 O(picks + width) per group instead of XLA's O(queries x width) membership matrix. Off the CPU,
@@ -141,11 +142,15 @@ def _top_k_cpu_jvp(k, primals, tangents):
     return (vals, idx), (dvals, np.zeros(idx.shape, jax.dtypes.float0))
 
 
+def _native_top_k_applies(x, k: int) -> bool:
+    """Whether the native top-k kernels take `x` (float32 rows, 1 <= k <= row length) here."""
+    return x.dtype == jnp.float32 and x.ndim > 0 and 1 <= k <= x.shape[-1] and x.size > 0 and available()
+
+
 def top_k(x, k: int):
     """`jax.lax.top_k(x, k)` along the last axis, with the native kernel on the CPU for float32."""
     x = jnp.asarray(x)
-    if (x.dtype != jnp.float32 or x.ndim == 0 or not 1 <= k <= x.shape[-1] or x.size == 0
-            or not available()):
+    if not _native_top_k_applies(x, k):
         return jax.lax.top_k(x, k)
     return _top_k_cpu(x, k)
 
@@ -175,8 +180,7 @@ def top_k_picks(x, k: int):
     order, then `x.shape[-1]` for the rest. Integer output: no gradient flows through it.
     Native on the CPU (no separate sort), `top_k_picks_reference` elsewhere."""
     x = jax.lax.stop_gradient(jnp.asarray(x))
-    if (x.dtype != jnp.float32 or x.ndim == 0 or not 1 <= k <= x.shape[-1] or x.size == 0
-            or not available()):
+    if not _native_top_k_applies(x, k):
         return top_k_picks_reference(x, k)
     return jax.lax.platform_dependent(
         x, cpu=lambda x: _picks_native(x, k), default=lambda x: top_k_picks_reference(x, k))

@@ -78,7 +78,7 @@ constexpr int64_t kSmallK = 64;
 
 // The picks of a top-k row as LongHeads uses them: the indices whose value is > -inf (NaN is not),
 // ascending, then n for the rest.
-void PicksRow(const float* x, int64_t n, int64_t k, const float* v, const int32_t* idx, int32_t* out) {
+void PicksRow(int64_t n, int64_t k, const float* v, const int32_t* idx, int32_t* out) {
   int64_t m = 0;
   for (int64_t s = 0; s < k; ++s) {
     if (v[s] > -std::numeric_limits<float>::infinity()) out[m++] = idx[s];
@@ -110,7 +110,7 @@ struct Job {
         } else {
           TopKRowLarge(x + r * n, n, k, v + r * k, i + r * k, scratch);
         }
-        if (picks) PicksRow(x + r * n, n, k, v + r * k, i + r * k, picks + r * k);
+        if (picks) PicksRow(n, k, v + r * k, i + r * k, picks + r * k);
       }
       if (done.fetch_add(1) + 1 == blocks) {
         std::lock_guard<std::mutex> lock(mu);
