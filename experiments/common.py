@@ -55,9 +55,22 @@ def run_metadata(args: argparse.Namespace | None = None, **extra) -> dict:
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "argv": sys.argv, "versions": versions(), "machine": machine()}
     if args is not None:
-        meta["args"] = {k: v for k, v in vars(args).items() if not callable(v)}
+        meta["args"] = namespace_dict(args)
     meta.update(extra)
     return meta
+
+
+def namespace_dict(args: argparse.Namespace) -> dict:
+    """The arguments as JSON-able values (methods by their names; functions left out)."""
+    from lh_jax.methods import MethodSpec
+
+    def plain(v):
+        if isinstance(v, MethodSpec):
+            return v.name
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+    return {k: plain(v) for k, v in vars(args).items() if not callable(v)}
 
 
 def _key_id(key: dict) -> str:

@@ -1,11 +1,11 @@
 """One comparison of methods x tasks x lengths: runs the passkey, perplexity and needle commands and
 writes a single paper-style results table with the plots.
 
-    lh-jax compare --methods full,ntk,sliding,longheads --tasks passkey,perplexity,needle \
-        --lengths 4k,8k,16k --trials 2 --chunk-size 256 --num-chunks 16 --out runs/compare
+    lh-jax compare --methods full,ntk,sliding:256x16,longheads:256x16 --tasks passkey,perplexity,needle \
+        --lengths 4k,8k,16k --trials 2 --out runs/compare
 
-Each task runs through its own command (`lh_jax.experiments.passkey` / `perplexity` / `needle`,
-called with a namespace built by that command's own argument parser) and writes its usual outputs
+Each task runs through its own command's function (`lh_jax.experiments.passkey` / `perplexity` /
+`needle` `cli_main`, given that command's defaults plus this comparison's settings) and writes its usual outputs
 into OUT/<task>/, so each task resumes on its own: a rerun recomputes only the cells that are not
 in OUT/<task>/cells.jsonl. Every setting of every task (and the model's config) is checked before
 the first task starts, so a bad `--bucket` cannot fail an hour into the passkey run.
@@ -37,7 +37,7 @@ import numpy as np
 
 TASKS = ("passkey", "perplexity", "needle")
 DEFAULT_TASKS = ",".join(TASKS)
-DEFAULT_METHODS = "full,ntk,sliding,longheads"
+DEFAULT_METHODS = "full,ntk,sliding:256x16,longheads"
 
 
 # --- settings -------------------------------------------------------------------------------------
@@ -50,17 +50,6 @@ def parse_task_list(text: str) -> list[str]:
     if not tasks:
         raise ValueError(f"--tasks must list tasks from {', '.join(TASKS)}; got {text!r}")
     return list(dict.fromkeys(tasks))
-
-
-def parse_method_names(text: str) -> list[str]:
-    from lh_jax.methods import METHODS
-    names = [m.strip() for m in str(text).split(",") if m.strip()]
-    bad = [m for m in names if m not in METHODS]
-    if bad:
-        raise ValueError(f"--methods: unknown method {', '.join(map(repr, bad))}; choose from {', '.join(METHODS)}")
-    if not names:
-        raise ValueError(f"--methods must list methods from {', '.join(METHODS)}; got {text!r}")
-    return list(dict.fromkeys(names))
 
 
 def model_config(model: str):
@@ -84,44 +73,29 @@ def _length_name(n: int) -> str:
     return f"{n // 1024}k" if n % 1024 == 0 else str(n)
 
 
-def _method_argv(args, names: list[str]) -> list[str]:
-    argv = ["--methods", ",".join(names), "--chunk-size", str(args.chunk_size), "--num-chunks", str(args.num_chunks),
-            "--chunk-repr", args.chunk_repr, "--positions", args.positions, "--selection", args.selection,
-            "--rope-scaling", args.rope_scaling]
-    if args.dense_length is not None:
-        argv += ["--dense-length", str(args.dense_length)]
-    if args.rope_factor is not None:
-        argv += ["--rope-factor", repr(float(args.rope_factor))]
-    return argv
-
-
-def task_argv(task: str, args, names: list[str], lengths: list[int]) -> list[str]:
-    """The command line of one task's own command for this comparison."""
-    argv = ["--model", args.model, "--batch-size", str(args.batch_size), "--seed", str(args.seed),
-            "--dtype", args.dtype, "--out", os.path.join(args.out, task), "--lengths", ",".join(map(str, lengths))]
-    if args.no_resume:
-        argv.append("--no-resume")
-    argv += _method_argv(args, names)
-    if task == "passkey":
-        argv += ["--trials", str(args.trials)]
-        if args.depths is not None:
-            argv += ["--depths", args.depths]
+def task_namespace(task: str, args, lengths: list[int]) -> argparse.Namespace:
+    """The arguments of one task's own command for this comparison: that command's defaults (its
+    parser on an empty command line), with what the comparison sets."""
+    p = argparse.ArgumentParser(prog=f"lh-jax {task}")
+    task_module(task).add_arguments(p)
+    ns = p.parse_args([])
+    ns.model, ns.batch_size, ns.seed, ns.dtype = args.model, args.batch_size, args.seed, args.dtype
+    ns.out, ns.no_resume = os.path.join(args.out, task), args.no_resume
+    ns.lengths, ns.methods = ",".join(map(str, lengths)), args.methods
+    if task in ("passkey", "needle"):
+        ns.trials = args.trials
         if args.max_new_tokens is not None:
-            argv += ["--max-new-tokens", str(args.max_new_tokens)]
-    elif task == "perplexity":
-        for flag, value in (("--bucket", args.bucket), ("--reference-context", args.reference_context),
-                            ("--text", args.text)):
-            if value is not None:
-                argv += [flag, str(value)]
-        if args.no_reference:
-            argv.append("--no-reference")
-    else:
-        argv += ["--trials", str(args.trials)]
-        if args.needle_tasks is not None:
-            argv += ["--tasks", args.needle_tasks]
-        if args.max_new_tokens is not None:
-            argv += ["--max-new-tokens", str(args.max_new_tokens)]
-    return argv
+            ns.max_new_tokens = args.max_new_tokens
+    if task == "passkey" and args.depths is not None:
+        ns.depths = args.depths
+    if task == "needle" and args.needle_tasks is not None:
+        ns.tasks = args.needle_tasks
+    if task == "perplexity":
+        for name in ("bucket", "reference_context", "text"):
+            if getattr(args, name) is not None:
+                setattr(ns, name, getattr(args, name))
+        ns.no_reference = args.no_reference
+    return ns
 
 
 def task_module(task: str):
@@ -129,18 +103,10 @@ def task_module(task: str):
     return importlib.import_module(f"lh_jax.experiments.{task}")
 
 
-def task_namespace(task: str, argv: list[str]) -> argparse.Namespace:
-    """`argv` parsed by the task command's own parser (so every default is that command's)."""
-    p = argparse.ArgumentParser(prog=f"lh-jax {task}")
-    task_module(task).add_arguments(p)
-    return p.parse_args(argv)
-
-
 @dataclasses.dataclass
 class Plan:
     tasks: list[str]
-    names: list[str]          # method names
-    specs: list               # MethodSpec, one per name
+    specs: list               # MethodSpec
     labels: list[str]
     lengths: list[int]
     namespaces: dict          # task -> argparse.Namespace of its own command
@@ -204,9 +170,7 @@ def _check_needle(ns, tokenizer, lengths) -> list[str]:
 def check_args(args) -> tuple[Plan, object]:
     """Every check that needs no model weights, for every task; returns (plan, tokenizer)."""
     from lh_jax.experiments import perplexity as ppl
-    from lh_jax.methods import specs_from_args
     tasks = parse_task_list(args.tasks)
-    names = parse_method_names(args.methods)
     try:
         lengths = ppl.parse_length_list(args.lengths)
     except ValueError as e:
@@ -216,9 +180,7 @@ def check_args(args) -> tuple[Plan, object]:
             raise ValueError(f"{flag} must be a positive integer, got {value}")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
-    specs = specs_from_args(argparse.Namespace(**{**vars(args), "methods": ",".join(names)}))
-    for spec in specs:
-        spec.attention()  # invalid sliding / LongHeads settings raise here
+    specs = args.methods
     config = model_config(args.model)
     for spec in specs:
         for n in lengths:
@@ -226,8 +188,8 @@ def check_args(args) -> tuple[Plan, object]:
             attention.validate(config2)
     import lh_jax
     tokenizer = lh_jax.load_tokenizer(args.model)
-    namespaces = {t: task_namespace(t, task_argv(t, args, names, lengths)) for t in tasks}
-    plan = Plan(tasks, names, specs, [s.label for s in specs], lengths, namespaces, config)
+    namespaces = {t: task_namespace(t, args, lengths) for t in tasks}
+    plan = Plan(tasks, specs, [s.label for s in specs], lengths, namespaces, config)
     if "passkey" in tasks:
         plan.depths = _check_passkey(namespaces["passkey"], tokenizer, lengths)
     if "perplexity" in tasks:
@@ -489,13 +451,15 @@ def command_line(args) -> str:
         if value == action.default:
             continue
         flag = action.option_strings[-1]
+        if isinstance(value, list):  # --methods
+            value = ",".join(spec.name for spec in value)
         parts += [flag] if isinstance(action, argparse._StoreTrueAction) else [flag, str(value)]
     return shlex.join(parts)
 
 
 def cli_main(args) -> dict:
     from lh_jax.convert.loader import resolve_model_path
-    from lh_jax.experiments.common import run_metadata, write_outputs
+    from lh_jax.experiments.common import namespace_dict, run_metadata, write_outputs
     plan, _ = check_args(args)  # everything, for every task, before any model weights are loaded
     info = run_tasks(plan)
     task_rows = {task: read_rows(args.out, task) for task in plan.tasks}
@@ -505,7 +469,7 @@ def cli_main(args) -> dict:
                         methods=[s.to_dict() for s in plan.specs], labels=plan.labels,
                         depths=plan.depths, needle_tasks=plan.needle_tasks, bucket=plan.bucket,
                         reference_context=plan.reference_context,
-                        task_args={t: vars(ns) for t, ns in plan.namespaces.items()}, task_runs=info)
+                        task_args={t: namespace_dict(ns) for t, ns in plan.namespaces.items()}, task_runs=info)
     table = format_markdown(plan, rows, meta, info)
     paths = write_outputs(args.out, "compare", meta, rows, table)
     paths["png"] = os.path.join(args.out, "compare.png")

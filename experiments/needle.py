@@ -369,27 +369,12 @@ def score(text: str, answers: list[str]) -> tuple[float, int]:
 
 # --- running --------------------------------------------------------------------------------------
 
-def _strip_eos(ids: list[int], eos) -> list[int]:
-    eos = set(eos if isinstance(eos, (tuple, list)) else [eos]) if eos is not None else set()
-    for i, t in enumerate(ids):
-        if t in eos:
-            return ids[:i]
-    return ids
-
-
 def generate_batch(params, config, attention, tasks: list[NeedleTask], tokenizer) -> list[str]:
     """Greedy continuations of a left-padded batch (one max_new_tokens for the batch)."""
-    import lh_jax
-    T = max(len(t.ids) for t in tasks)
-    ids = np.zeros((len(tasks), T), np.int32)
-    mask = np.zeros((len(tasks), T), bool)
-    for i, t in enumerate(tasks):
-        ids[i, T - len(t.ids):] = t.ids
-        mask[i, T - len(t.ids):] = True
+    from lh_jax.runtime import generate_batch as generate_ids
     mnt = max(t.max_new_tokens for t in tasks)
-    out = np.asarray(lh_jax.generate(params, config, ids, mnt, attention=attention, attention_mask=mask))
-    return [tokenizer.decode(_strip_eos(out[i, T:T + t.max_new_tokens].tolist(), config.eos_token_id),
-                             skip_special_tokens=True) for i, t in enumerate(tasks)]
+    rows = generate_ids(params, config, [t.ids for t in tasks], mnt, attention)
+    return [tokenizer.decode(new[:t.max_new_tokens], skip_special_tokens=True) for new, t in zip(rows, tasks)]
 
 
 def parse_tasks(text: str) -> list[str]:
@@ -445,11 +430,13 @@ def cli_main(args) -> dict:
     import lh_jax
     from lh_jax.experiments.bench import parse_lengths
     from lh_jax.experiments.common import ResultStore, progress, run_metadata, write_outputs
-    from lh_jax.methods import specs_from_args
 
     # every check that needs no model first
     tasks = parse_tasks(args.tasks)
-    lengths = parse_lengths(args.lengths)
+    try:
+        lengths = parse_lengths(args.lengths)
+    except ValueError as e:
+        raise ValueError(f"--lengths: {e}") from None
     params = task_params_from_args(args)
     params.validate()
     for name in ("trials", "batch_size"):
@@ -457,9 +444,7 @@ def cli_main(args) -> dict:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    specs = specs_from_args(args)
-    for spec in specs:
-        spec.attention()  # invalid LongHeads / sliding settings raise here
+    specs = args.methods
     hay = load_haystack(args.haystack)
     tokenizer = lh_jax.load_tokenizer(args.model)
     prompts = {(task, n, t): make_task(tokenizer, task, n, task_rng(args.seed, task, n, t), params, hay,

@@ -150,7 +150,6 @@ class Setup:
 def check_args(args) -> Setup:
     """Validate every flag that does not need the model; clear errors naming the flag."""
     from lh_jax.experiments.bench import parse_lengths
-    from lh_jax.methods import specs_from_args
     try:
         lengths = parse_lengths(args.lengths)
     except ValueError as e:
@@ -162,11 +161,7 @@ def check_args(args) -> Setup:
                         ("--batch-size", args.batch_size)):
         if value < 1:
             raise ValueError(f"{flag} must be a positive integer, got {value}")
-    specs, labels = [], set()
-    for spec in specs_from_args(args):  # unknown method names raise here
-        if spec.label not in labels:
-            specs.append(spec)
-            labels.add(spec.label)
+    specs = args.methods
     check_needle(args.needle)
     if not args.question.strip():
         raise ValueError("--question must not be empty")
@@ -201,35 +196,6 @@ def build_prompts(tokenizer, setup: Setup, trials: int, seed: int) -> dict[tuple
 
 # --- running --------------------------------------------------------------------------------------
 
-def _eos_set(config) -> set:
-    eos = config.eos_token_id
-    if eos is None:
-        return set()
-    return set(eos) if isinstance(eos, (tuple, list)) else {eos}
-
-
-def generate_batch(params, config, attention, prompts: list[PasskeyPrompt], max_new_tokens: int):
-    """Left-padded batch through `lh_jax.generate`; returns the new token ids of each row (cut at EOS)."""
-    import lh_jax
-    T = max(len(p.ids) for p in prompts)
-    ids = np.zeros((len(prompts), T), np.int32)
-    mask = np.zeros((len(prompts), T), bool)
-    for i, p in enumerate(prompts):
-        ids[i, T - len(p.ids):] = p.ids
-        mask[i, T - len(p.ids):] = True
-    out = np.asarray(lh_jax.generate(params, config, ids, max_new_tokens, attention=attention,
-                                     attention_mask=mask))
-    eos, rows = _eos_set(config), []
-    for i in range(len(prompts)):
-        new = out[i, T:].tolist()
-        for j, tok in enumerate(new):
-            if tok in eos:
-                new = new[:j]
-                break
-        rows.append(new)
-    return rows
-
-
 def cell_key(args, spec, n: int, d: float, t: int, setup: Setup) -> dict:
     model = args.model if args.model == "default" or not os.path.exists(args.model) else os.path.abspath(args.model)
     return {"task": "passkey", "model": model, "dtype": args.dtype, "method": spec.to_dict(), "length": n,
@@ -240,6 +206,7 @@ def cell_key(args, spec, n: int, d: float, t: int, setup: Setup) -> dict:
 def run(args, setup: Setup, store, tokenizer, prompts: dict | None = None) -> list[dict]:
     """All cells of the grid (finished ones come from `store`); returns the rows in grid order."""
     from lh_jax.experiments.common import load_model, progress
+    from lh_jax.runtime import generate_batch
     if prompts is None:
         prompts = build_prompts(tokenizer, setup, args.trials, args.seed)
     keys, todo = [], []  # todo: (length, spec, [(depth, trial, key)])
@@ -261,15 +228,19 @@ def run(args, setup: Setup, store, tokenizer, prompts: dict | None = None) -> li
     if n_todo:
         config, params, _ = load_model(args)
         bar = progress(None, total=n_todo, desc="passkey")
+        started = time.perf_counter()
         try:
-            for n, spec, pending in todo:
+            for group, (n, spec, pending) in enumerate(todo):
+                if group and args.budget is not None and time.perf_counter() - started > args.budget:
+                    print(f"[passkey] --budget {args.budget:g}s spent: {spec.label} @ {n} not run", file=sys.stderr)
+                    continue
                 config_n, attention = spec.build(config, n)
                 for b in range(0, len(pending), args.batch_size):
                     batch = pending[b:b + args.batch_size]
                     ps = [prompts[n, d, t] for d, t, _ in batch]
                     bar.set_postfix_str(f"{spec.label} @ {n}")
                     t0 = time.perf_counter()
-                    new = generate_batch(params, config_n, attention, ps, args.max_new_tokens)
+                    new = generate_batch(params, config_n, [p.ids for p in ps], args.max_new_tokens, attention)
                     seconds = (time.perf_counter() - t0) / len(batch)
                     for (d, t, k), p, toks in zip(batch, ps, new):
                         text = tokenizer.decode(toks, skip_special_tokens=True)
@@ -397,6 +368,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a text file used as the haystack instead of the repeated filler sentences")
     p.add_argument("--needle", default=NEEDLE, help="needle template; must contain {key}")
     p.add_argument("--question", default=QUESTION, help="the text after the haystack that asks for the key")
+    p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                   help="no (method, length) group after the first starts once this many seconds are spent "
+                        "(finished cells are kept; a rerun resumes)")
 
 
 if __name__ == "__main__":

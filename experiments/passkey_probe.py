@@ -39,7 +39,7 @@ def main(argv=None) -> None:
 
     import lh_jax
     from lh_jax import runtime
-    from lh_jax.chunks import select_chunks
+    from lh_jax.longheads import select_chunks
     from lh_jax.experiments.passkey import build_prompt, passkey_for
     from lh_jax.experiments.perplexity import parse_tokens
     from lh_jax.models.llama import DecoderLayer
@@ -106,7 +106,7 @@ def main(argv=None) -> None:
         forced = dataclasses.replace(plain, selector=oracle)
 
         def run(params, ids, lo, hi):
-            ctx = runtime._context(jnp.ones(ids.shape, bool), 0)
+            ctx = runtime.context(jnp.ones(ids.shape, bool), 0)
             x = params["embed"]["embedding"][ids]
             for s, e, att in ((0, lo, plain), (lo, hi, forced), (hi, L, plain)):
                 if e > s:

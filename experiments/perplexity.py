@@ -122,28 +122,8 @@ def perplexity(nll: float, count: int) -> float:
 
 # --- evaluation -------------------------------------------------------------------------------
 
-_WINDOW_METHODS = ("sliding", "longheads", "longheads-ref")
-
-
-def canonical_spec(spec) -> dict:
-    """The spec's fields with those the method ignores reset to their defaults (so that, e.g.,
-    `full` cells are found again whatever --chunk-size was given)."""
-    from lh_jax.methods import MethodSpec
-    d, default = spec.to_dict(), MethodSpec().to_dict()
-    ignored = []
-    if spec.method not in _WINDOW_METHODS:
-        ignored += ["chunk_size", "num_chunks", "dense_length"]
-    if spec.method != "longheads":
-        ignored += ["chunk_repr", "positions", "selection"]
-    if spec.method not in ("pi", "ntk", "yarn") and spec.rope_scaling == "none":
-        ignored += ["rope_factor"]
-    if spec.method in ("pi", "ntk", "yarn"):
-        ignored += ["rope_scaling"]
-    return {k: (default[k] if k in ignored else v) for k, v in d.items()}
-
-
 def method_key(base: dict, spec, length: int, bucket: int) -> dict:
-    return {**base, "kind": "method", "method": canonical_spec(spec), "length": length, "bucket": bucket}
+    return {**base, "kind": "method", "method": spec.name, "length": length, "bucket": bucket}
 
 
 def reference_key(base: dict, context: int, start: int, end: int) -> dict:
@@ -237,7 +217,7 @@ def collect_rows(store, base_key: dict, specs, lengths, bucket: int, reference_c
                     ref_ppl = perplexity(ref["nll"], ref["count"]) if ref else float("nan")
                     row.update(reference_ppl=ref_ppl, ratio=ppl / ref_ppl,
                                reference_nll=ref["nll"] / ref["count"] if ref else float("nan"))
-                row["spec"] = canonical_spec(spec)
+                row["spec"] = spec.name
                 rows.append(row)
     return rows
 
@@ -335,14 +315,13 @@ def cli_main(args) -> None:
     import lh_jax
     from lh_jax.experiments import texts
     from lh_jax.experiments.common import ResultStore, run_metadata, write_outputs
-    from lh_jax.methods import specs_from_args
 
     # everything that can be checked without the model first
     lengths = parse_length_list(args.lengths)
     bucket = parse_tokens(args.bucket, "--bucket")
     reference_context = None if args.no_reference else parse_tokens(args.reference_context, "--reference-context")
     check_settings(lengths, bucket, reference_context)
-    specs = specs_from_args(args)
+    specs = args.methods
     text_name, text = texts.load_text(args.text)
     source = args.text if args.text is not None else texts.hamlet_path()
 

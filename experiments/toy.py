@@ -201,9 +201,9 @@ def _model(config):
 def init_params(config, seed: int = 0):
     import jax
     import jax.numpy as jnp
-    from lh_jax.runtime import _context
+    from lh_jax.runtime import context
     ids = jnp.zeros((1, 8), jnp.int32)
-    return _model(config).init(jax.random.PRNGKey(seed), ids, _context(jnp.ones((1, 8), bool), 0))["params"]
+    return _model(config).init(jax.random.PRNGKey(seed), ids, context(jnp.ones((1, 8), bool), 0))["params"]
 
 
 def make_optimizer(s: TrainSettings):
@@ -218,11 +218,11 @@ def make_train_step(config, optimizer):
     import jax
     import jax.numpy as jnp
     import optax
-    from lh_jax.runtime import _context
+    from lh_jax.runtime import context
     model = _model(config)
 
     def loss_fn(params, ids, targets, query_pos):
-        logits, _, _ = model.apply({"params": params}, ids, _context(jnp.ones(ids.shape, bool), 0), None)
+        logits, _, _ = model.apply({"params": params}, ids, context(jnp.ones(ids.shape, bool), 0), None)
         lg = jnp.take_along_axis(logits, query_pos[..., None], axis=1)  # B Q V
         nll = jax.nn.logsumexp(lg, -1) - jnp.take_along_axis(lg, targets[..., None], -1)[..., 0]
         return nll.mean(), jnp.mean(jnp.argmax(lg, -1) == targets)
@@ -288,30 +288,6 @@ def load_toy(path: str = ASSET_DIR, dtype: str = "float32"):
 
 # --- evaluation -------------------------------------------------------------------------------
 
-def parse_methods(text: str):
-    """'full,longheads:16x16,longheads:32x8:bounds,sliding:16x16' -> [MethodSpec]."""
-    from lh_jax.methods import MethodSpec
-    specs = []
-    for item in (s.strip() for s in text.split(",")):
-        if not item:
-            continue
-        parts = item.split(":")
-        kw = {}
-        if len(parts) > 1:
-            try:
-                kw["chunk_size"], kw["num_chunks"] = (int(x) for x in parts[1].lower().split("x"))
-            except ValueError:
-                raise ValueError(f"--methods: {item!r}: expected CHUNKxNUM after the colon, e.g. longheads:16x16") from None
-        if len(parts) > 2:
-            kw["chunk_repr"] = parts[2]
-        if len(parts) > 3:
-            raise ValueError(f"--methods: {item!r} has too many ':' parts (method[:CHUNKxNUM[:repr]])")
-        specs.append(MethodSpec(parts[0], **kw))
-    if not specs:
-        raise ValueError("--methods is empty")
-    return specs
-
-
 def recall_accuracy(params, config, attention, batch: Batch, window: int | None = None) -> dict:
     """Accuracy of the value predicted at every query of `batch`; with `window`, also over the
     queries whose pair lies entirely before the last `window` tokens ("far")."""
@@ -338,8 +314,7 @@ def evaluate(params, config, task: ToyTask, lengths, specs, samples: int = 256, 
         hit = store.get(key) if store is not None else None
         if hit is None:
             cfg, attention = spec.build(config, length)
-            window = spec.chunk_size * spec.num_chunks if spec.method in ("longheads", "sliding", "longheads-ref") \
-                else config.trained_length
+            window = attention.window if spec.longheads is not None else config.trained_length
             rng = np.random.default_rng([seed, length])
             tot = {"correct": 0, "n": 0, "correct_far": 0, "n_far": 0}
             t0 = time.perf_counter()
@@ -403,7 +378,7 @@ def plot(rows: list[dict], path: str, trained_length: int, chance: float) -> Non
 
 # --- command line ------------------------------------------------------------------------------
 
-DEFAULT_METHODS = "full,longheads:16x16,longheads:32x8,sliding:16x16,longheads:16x16:bounds"
+DEFAULT_METHODS = "full,longheads:16x16,longheads:32x8,sliding:16x16,longheads:16x16/bounds"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -415,8 +390,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the last steps train at the full trained length (256)")
     p.add_argument("--lr", type=float, default=TrainSettings.lr, help="peak learning rate")
     p.add_argument("--lengths", default="256,1k,2k,4k,8k", help="evaluation lengths")
-    p.add_argument("--methods", default=DEFAULT_METHODS,
-                   help="comma list of method[:CHUNKxNUM[:repr]] (full, sliding, longheads, longheads-ref, pi, ntk, yarn)")
+    from lh_jax.methods import add_method_arguments
+    add_method_arguments(p, multiple=True, default=DEFAULT_METHODS)
     p.add_argument("--samples", type=int, default=256, help="queries per (length, method)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
     p.add_argument("--seed", type=int, default=0, help="training and evaluation seed")
@@ -428,7 +403,7 @@ def cli_main(args) -> None:
     from lh_jax.experiments.bench import parse_lengths
     from lh_jax.experiments.common import ResultStore, run_metadata, write_outputs
     lengths = parse_lengths(args.lengths)
-    specs = parse_methods(args.methods)
+    specs = args.methods
     if args.samples < 1 or args.batch_size < 1:
         raise ValueError("--samples and --batch-size must be positive")
     def check_lengths(task):  # before any long computation

@@ -7,31 +7,14 @@ import sys
 import time
 
 
-from lh_jax.methods import METHODS as ATTENTIONS, MethodSpec, add_method_arguments  # noqa: E402
-
-
-def add_attention_arguments(p: argparse.ArgumentParser, default: str = "full") -> None:
-    add_method_arguments(p, multiple=False, default=default)
-
-
-def attention_spec(args) -> dict:
-    """The method flags of `args` as a JSON-able dict (MethodSpec fields)."""
-    return MethodSpec(args.attention, args.chunk_size, args.num_chunks, args.dense_length, args.chunk_repr,
-                      args.positions, args.selection, args.rope_factor, args.rope_scaling).to_dict()
-
-
-def attention_from_spec(spec: dict, config=None, length: int | None = None):
-    """The attention function of a spec dict (RoPE-scaling methods: see `method_from_spec`)."""
-    spec = dict(spec)
-    if "name" in spec:  # the older spelling
-        spec["method"] = spec.pop("name")
-    return MethodSpec.from_dict(spec).attention()
+from lh_jax.methods import add_method_arguments
 
 
 def cmd_generate(args) -> None:
     import numpy as np
 
     import lh_jax
+    from lh_jax.runtime import cut_at_eos
     t0 = time.perf_counter()
     config, params = lh_jax.load(args.model, dtype=args.dtype)
     tok = lh_jax.load_tokenizer(args.model)
@@ -41,17 +24,12 @@ def cmd_generate(args) -> None:
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)
     ids = np.asarray(tok(prompt, add_special_tokens=False)["input_ids"], dtype=np.int32)[None]
-    attention = attention_from_spec(attention_spec(args))
+    # the method's config too: pi / ntk / yarn (and +ntk etc.) rescale RoPE
+    config, attention = args.attention.build(config, ids.shape[1] + args.max_new_tokens)
     t0 = time.perf_counter()
     out = np.asarray(lh_jax.generate(params, config, ids, args.max_new_tokens, attention=attention))
     gen_s = time.perf_counter() - t0
-    new = out[0, ids.shape[1]:].tolist()
-    eos = config.eos_token_id
-    eos = set(eos if isinstance(eos, tuple) else [eos]) if eos is not None else set()
-    for i, t in enumerate(new):
-        if t in eos:
-            new = new[:i]
-            break
+    new = cut_at_eos(out[0, ids.shape[1]:], config.eos_token_id)
     print(tok.decode(new, skip_special_tokens=True))
     print(f"[{ids.shape[1]} prompt tokens, {args.max_new_tokens} new, load {load_s:.1f}s, "
           f"generate {gen_s:.1f}s incl. compile]", file=sys.stderr)
@@ -88,7 +66,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    add_attention_arguments(g)
+    add_method_arguments(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("convert", help="convert a checkpoint to an orbax directory")

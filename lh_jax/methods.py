@@ -1,13 +1,24 @@
-"""Long-context methods selectable by name: one place that turns a name + flags into a model setup.
+"""Long-context methods by name: the one grammar every command and experiment script reads.
 
-A method is a pair (model config, attention function): RoPE-scaling methods change the config
-(`pi`, `ntk`, `yarn`), window methods change the attention (`sliding`, `longheads`,
-`longheads-ref`), and `--rope-scaling` combines a window method with a RoPE scaling (e.g.
-LongHeads + NTK). Everything is a frozen value, so each setup compiles once per shape.
+    METHOD[:ARG][/OPTION...][+SCALING[:FACTOR]]
 
-    spec = MethodSpec("longheads", chunk_size=128, num_chunks=16)
+    full                         the model's own attention and RoPE
+    pi | ntk | yarn [:FACTOR]    RoPE scaling with full attention (default factor: length / trained length)
+    sliding:CxN                  chunk 0 + the most recent chunks (a window of C·N tokens)
+    longheads[:CxN]              LongHeads (default 256x16); OPTIONs: a chunk representation
+                                 (attn, mean, bounds, best-key, attn-parts:16, ...), a selector
+                                 (topk, recent), positions (remap, original), selection (head, group),
+                                 dense=N; or key=value: repr=, selector=, positions=, selection=, dense=
+    longheads:recommended        lh_jax.LongHeads.recommended() (OPTIONs override it)
+    longheads-ref[:CxN]          LongHeads as the authors' released code behaves (option: dense=N)
+    +ntk / +pi / +yarn[:FACTOR]  RoPE scaling on top of a window method
+
+    spec = MethodSpec.parse("longheads:128x32/best-key")
     config2, attention = spec.build(config, length=16384)
     lh_jax.generate(params, config2, ids, 8, attention=attention)
+
+A spec is a frozen value holding its canonical name (`spec.name`, also its JSON form), so each
+setup compiles once per shape and results files name methods the way the command line does.
 """
 from __future__ import annotations
 
@@ -18,138 +29,208 @@ from typing import Any
 from lh_jax.models.config import ModelConfig, RopeConfig
 
 METHODS = ("full", "pi", "ntk", "yarn", "sliding", "longheads", "longheads-ref")
-ROPE_SCALINGS = ("none", "pi", "ntk", "yarn")
+WINDOW_METHODS = ("sliding", "longheads", "longheads-ref")
+ROPE_SCALINGS = ("pi", "ntk", "yarn")
 _ROPE_TYPE = {"pi": "linear", "ntk": "dynamic", "yarn": "yarn"}
+GRAMMAR = "METHOD[:CxN][/OPTION...][+ntk|+pi|+yarn], e.g. 'longheads:128x32/best-key' (see lh_jax.methods)"
+_KEYS = ("repr", "selector", "positions", "selection", "dense")
+
+
+def _error(text: str, why: str) -> ValueError:
+    return ValueError(f"method {text!r}: {why}; expected {GRAMMAR}; methods: {', '.join(METHODS)}")
+
+
+def _factor(text: str, part: str) -> float:
+    try:
+        factor = float(part)
+    except ValueError:
+        raise _error(text, f"RoPE factor {part!r} is not a number") from None
+    if not factor >= 1.0:
+        raise _error(text, f"RoPE factor must be >= 1, got {part}")
+    return factor
+
+
+def _window(text: str, part: str) -> tuple[int, int]:
+    try:
+        chunk_size, num_chunks = (int(x) for x in part.lower().split("x"))
+    except ValueError:
+        raise _error(text, f"window {part!r} is not CHUNKxNUM like 128x32") from None
+    return chunk_size, num_chunks
+
+
+def _options(text: str, method: str, options: list[str]) -> dict[str, Any]:
+    """OPTION tokens -> LongHeads keyword arguments."""
+    from lh_jax.longheads import POSITION_SCHEMES, SELECTORS
+    out: dict[str, Any] = {}
+    for token in options:
+        key, eq, value = token.partition("=")
+        if not eq:  # a bare token: its vocabulary says what it sets
+            key, value = ("positions" if token in POSITION_SCHEMES else "selection" if token in ("head", "group")
+                          else "selector" if token in SELECTORS else "repr"), token
+        if key not in _KEYS:
+            raise _error(text, f"unknown option {key!r} (known: {', '.join(_KEYS)})")
+        if method != "longheads" and key != "dense":
+            raise _error(text, f"{method} takes only the option dense=N, got {token!r}")
+        if key == "dense":
+            if not value.isdigit():
+                raise _error(text, f"dense={value!r} is not a non-negative integer")
+            out["dense_length"] = int(value)
+        else:
+            out["chunk_repr" if key == "repr" else key] = value
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
-    """A named method and its parameters (JSON-able through `to_dict` / `from_dict`).
+    """A method by its name in the grammar above; `name` is canonical after construction.
 
-    rope_factor: the scaling factor of pi/ntk/yarn (None: length / trained length, at least 1,
-    so each evaluated length gets the factor that just covers it).
-    rope_scaling: a RoPE scaling applied on top of a window method ("none" by default).
+    Attributes (derived from the name): method, attention (the LongHeads settings of a window
+    method, else None), rope_scaling ("none", "pi", "ntk" or "yarn"), rope_factor (None: length /
+    trained length, at least 1).
     """
 
-    method: str = "full"
-    chunk_size: int = 256
-    num_chunks: int = 16
-    dense_length: int | None = None
-    chunk_repr: str = "attn"
-    positions: str = "remap"
-    selection: str = "head"
-    rope_factor: float | None = None
-    rope_scaling: str = "none"
+    name: str = "full"
+    method: str = dataclasses.field(init=False, compare=False)
+    longheads: Any = dataclasses.field(init=False, compare=False, repr=False)
+    rope_scaling: str = dataclasses.field(init=False, compare=False)
+    rope_factor: float | None = dataclasses.field(init=False, compare=False)
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.rope_scaling not in ROPE_SCALINGS:
-            raise ValueError(f"unknown rope_scaling {self.rope_scaling!r}; choose one of {', '.join(ROPE_SCALINGS)}")
-        if self.rope_factor is not None and not self.rope_factor >= 1.0:
-            raise ValueError(f"rope_factor must be >= 1, got {self.rope_factor!r}")
+        text = self.name.strip() if isinstance(self.name, str) else self.name
+        if not isinstance(text, str) or not text:
+            raise _error(str(self.name), "empty")
+        base, plus, scaling = text.partition("+")
+        head, *options = base.split("/")
+        method, colon, arg = head.partition(":")
+        method = method.strip().lower()
+        if method not in METHODS:
+            raise _error(text, f"unknown method {method!r}")
+        rope_scaling, factor = "none", None
+        if plus:
+            if method not in WINDOW_METHODS:
+                raise _error(text, f"+{scaling} combines a RoPE scaling with a window method, not with {method}")
+            rope_scaling, _, f = scaling.partition(":")
+            if rope_scaling not in ROPE_SCALINGS:
+                raise _error(text, f"unknown RoPE scaling +{rope_scaling} (choose +pi, +ntk or +yarn)")
+            factor = _factor(text, f) if f else None
+        longheads = None
+        if method in ROPE_SCALINGS:
+            rope_scaling, factor = method, (_factor(text, arg) if colon else None)
+        if method in ("full",) + ROPE_SCALINGS and options:
+            raise _error(text, f"{method} takes no options")
+        if method == "full" and colon:
+            raise _error(text, "full takes no argument")
+        if method in WINDOW_METHODS:
+            longheads = self._window_settings(text, method, arg if colon else "", options)
+        object.__setattr__(self, "method", method)
+        object.__setattr__(self, "longheads", longheads)
+        object.__setattr__(self, "rope_scaling", rope_scaling)
+        object.__setattr__(self, "rope_factor", factor)
+        object.__setattr__(self, "name", self._canonical(arg if colon else "", options))
+
+    @staticmethod
+    def _window_settings(text: str, method: str, arg: str, options: list[str]):
+        from lh_jax.longheads import LongHeads
+        kwargs = _options(text, method, options)
+        try:
+            if method == "longheads" and arg == "recommended":
+                return dataclasses.replace(LongHeads.recommended(), **kwargs)
+            window = dict(zip(("chunk_size", "num_chunks"), _window(text, arg))) if arg else {}
+            extra = {"selector": "recent"} if method == "sliding" else {"reference": True} \
+                if method == "longheads-ref" else {}
+            return LongHeads(**window, **kwargs, **extra)
+        except (ValueError, TypeError) as e:
+            raise _error(text, str(e)) from None
+
+    def _canonical(self, arg: str, options: list[str]) -> str:
+        name = self.method
+        if self.method in ROPE_SCALINGS:
+            return name + (f":{self.rope_factor:g}" if self.rope_factor is not None else "")
+        lh = self.longheads
+        if lh is not None:
+            if arg == "recommended":
+                name += ":recommended" + "".join(f"/{o}" for o in options)
+            else:
+                name += f":{lh.chunk_size}x{lh.num_chunks}"
+                if lh.chunk_repr != "attn":
+                    name += f"/{lh.chunk_repr}"
+                for key, default in (("selector", "topk"), ("positions", "remap"), ("selection", "head")):
+                    if self.method == "longheads" and getattr(lh, key) != default:
+                        name += f"/{getattr(lh, key)}"
+                if lh.dense_length != lh.window:
+                    name += f"/dense={lh.dense_length}"
+        if self.rope_scaling != "none":
+            name += f"+{self.rope_scaling}" + (f":{self.rope_factor:g}" if self.rope_factor is not None else "")
+        return name
+
+    @classmethod
+    def parse(cls, text: str) -> "MethodSpec":
+        return cls(text)
 
     @property
     def label(self) -> str:
-        """A short unique name for tables and plots, e.g. 'longheads 128x16' or 'ntk'."""
-        name = self.method
-        if self.method in ("sliding", "longheads", "longheads-ref"):
-            name += f" {self.chunk_size}x{self.num_chunks}"
-            if self.dense_length is not None and self.dense_length != self.chunk_size * self.num_chunks:
-                name += f" d{self.dense_length}"
-        if self.method == "longheads":
-            extra = [f"{k}={getattr(self, k)}" for k, d in (("chunk_repr", "attn"), ("positions", "remap"),
-                                                             ("selection", "head")) if getattr(self, k) != d]
-            if extra:
-                name += " " + ",".join(extra)
-        if self.rope_scaling != "none":
-            name += f" +{self.rope_scaling}"
-        if self.rope_factor is not None and (self.method in _ROPE_TYPE or self.rope_scaling != "none"):
-            name += f" f{self.rope_factor:g}"
-        return name
+        """The name, for tables and plots."""
+        return self.name
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {"method": self.name}
 
     @classmethod
     def from_dict(cls, d: dict) -> "MethodSpec":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown method fields {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**d)
+        if set(d) != {"method"}:
+            raise ValueError(f"a method spec dict holds exactly {{'method': NAME}}, got keys {sorted(d)}")
+        return cls(d["method"])
 
     def scaled_config(self, config: ModelConfig, length: int) -> ModelConfig:
-        scaling = self.method if self.method in _ROPE_TYPE else self.rope_scaling
-        if scaling == "none":
+        if self.rope_scaling == "none":
             return config
         trained = config.trained_length
         factor = self.rope_factor if self.rope_factor is not None else max(1.0, length / trained)
-        rope = RopeConfig(theta=config.rope.theta, rope_type=_ROPE_TYPE[scaling], factor=float(factor),
+        rope = RopeConfig(theta=config.rope.theta, rope_type=_ROPE_TYPE[self.rope_scaling], factor=float(factor),
                           original_max_position_embeddings=trained)
         return dataclasses.replace(config, rope=rope)
 
     def attention(self):
-        from lh_jax.longheads import LongHeads, sliding_window
         from lh_jax.models.attention import FullAttention
-        if self.method in ("full",) + tuple(_ROPE_TYPE):
-            return FullAttention()
-        if self.method == "sliding":
-            return sliding_window(self.chunk_size, self.num_chunks, self.dense_length)
-        if self.method == "longheads-ref":
-            return LongHeads(self.chunk_size, self.num_chunks, self.dense_length, reference=True)
-        return LongHeads(self.chunk_size, self.num_chunks, self.dense_length, chunk_repr=self.chunk_repr,
-                         positions=self.positions, selection=self.selection)
+        return FullAttention() if self.longheads is None else self.longheads
 
     def build(self, config: ModelConfig, length: int) -> tuple[ModelConfig, Any]:
         """(config, attention) for sequences of about `length` tokens."""
         return self.scaled_config(config, length), self.attention()
 
 
-def _chunk_repr_name(text: str) -> str:
-    from lh_jax.chunks import chunk_repr_from_name
+def parse_methods(text: str) -> list[MethodSpec]:
+    """A comma list of method names -> specs (duplicates, by canonical name, dropped)."""
+    specs: dict[str, MethodSpec] = {}
+    for part in text.split(","):
+        if part.strip():
+            spec = MethodSpec(part)
+            specs.setdefault(spec.name, spec)
+    if not specs:
+        raise ValueError(f"no method given in {text!r}; expected a comma list of {GRAMMAR}")
+    return list(specs.values())
+
+
+def _method_arg(text: str) -> MethodSpec:
     try:
-        chunk_repr_from_name(text, chunk_size=1)  # only the name is checked here; any size will do
+        return MethodSpec(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-    return text
+
+
+def _methods_arg(text: str) -> list[MethodSpec]:
+    try:
+        return parse_methods(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_method_arguments(p: argparse.ArgumentParser, multiple: bool = False, default: str = "full") -> None:
-    """Method flags shared by every command (`--methods a,b` when `multiple`, else `--attention`)."""
+    """`--methods a,b` (when `multiple`) or `--attention a`: names in the grammar above, checked
+    by argparse (a bad name is a usage error naming it)."""
     if multiple:
-        p.add_argument("--methods", default=default,
-                       help=f"comma list of methods: {', '.join(METHODS)}")
+        p.add_argument("--methods", default=_methods_arg(default), type=_methods_arg,
+                       help=f"comma list of methods, each {GRAMMAR} (default: {default})")
     else:
-        p.add_argument("--attention", default=default, choices=METHODS,
-                       help="full: the model's own attention; pi / ntk / yarn: RoPE scaling with full attention; "
-                            "sliding: chunk 0 + recent chunks; longheads: LongHeads; longheads-ref: the authors' "
-                            "released behaviour")
-    p.add_argument("--chunk-size", type=int, default=256, help="chunk size (sliding / LongHeads)")
-    p.add_argument("--num-chunks", type=int, default=16, help="chunks attended per query (sliding / LongHeads)")
-    p.add_argument("--dense-length", type=int, default=None, help="LongHeads dense prefix (default: the window)")
-    p.add_argument("--chunk-repr", default="attn", type=_chunk_repr_name,
-                   help="LongHeads chunk representation (ablation): attn (the paper), mean, bounds (Quest), "
-                        "attn-parts / mean-parts / bounds-parts (best of 8 sub-chunk summaries; "
-                        "'attn-parts:16' for 16), best-key (a chunk scores its best single key)")
-    p.add_argument("--positions", default="remap", choices=["remap", "original"],
-                   help="LongHeads position scheme (ablation)")
-    p.add_argument("--selection", default="head", choices=["head", "group"],
-                   help="LongHeads: one selection per query head or per kv group (ablation)")
-    p.add_argument("--rope-factor", type=float, default=None,
-                   help="pi/ntk/yarn factor (default: length / trained length, at least 1)")
-    p.add_argument("--rope-scaling", default="none", choices=ROPE_SCALINGS,
-                   help="RoPE scaling combined with a window method, e.g. LongHeads + ntk")
-
-
-def specs_from_args(args) -> list[MethodSpec]:
-    names = args.methods.split(",") if hasattr(args, "methods") else [args.attention]
-    out = []
-    for name in (n.strip() for n in names):
-        if not name:
-            continue
-        out.append(MethodSpec(name, args.chunk_size, args.num_chunks, args.dense_length, args.chunk_repr,
-                              args.positions, args.selection, args.rope_factor, args.rope_scaling))
-    if not out:
-        raise ValueError("no method given")
-    return out
+        p.add_argument("--attention", default=_method_arg(default), type=_method_arg,
+                       help=f"the method: {GRAMMAR} (default: {default})")

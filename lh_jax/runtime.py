@@ -1,6 +1,6 @@
 """Forward pass, prefill, jitted decode step and greedy generation for any attention function.
 
-Axis legend: B batch, T tokens, V vocabulary, N new tokens.
+Axis legend: B batch, T tokens, V vocabulary.
 
 Every entry point checks its inputs in Python (shapes, vocabulary range, cache capacity, the
 attention's own parameters) before anything is traced or compiled. Jitted functions are defined
@@ -94,7 +94,9 @@ def check_attention_mask(attention_mask, shape) -> np.ndarray:
     return mask
 
 
-def _context(mask_BT, start, pad_before=0) -> AttentionContext:
+def context(mask_BT, start, pad_before=0) -> AttentionContext:
+    """Where T new tokens sit: `mask_BT` [B, T] marks real tokens (left padding False), `start` is the
+    cache slot of the first one, `pad_before` the rows' left padding already in the cache."""
     T = mask_BT.shape[1]
     pad = pad_before + T - jnp.sum(mask_BT, axis=1).astype(jnp.int32)
     positions = jnp.maximum(start + jnp.arange(T, dtype=jnp.int32)[None, :] - pad[:, None], 0)
@@ -106,7 +108,7 @@ def _context(mask_BT, start, pad_before=0) -> AttentionContext:
 def _forward(params, ids, mask, config, attention, return_aux):
     TRACE_COUNTS["forward"] += 1
     model = Transformer(config, attention, params_dtype(params))
-    logits, _, aux = model.apply({"params": params}, ids, _context(mask, 0), None)
+    logits, _, aux = model.apply({"params": params}, ids, context(mask, 0), None)
     return (logits, aux) if return_aux else logits
 
 
@@ -132,7 +134,7 @@ LOGPROB_BLOCK = 512
 def _token_logprobs(params, ids, mask, config, attention, block):
     TRACE_COUNTS["token_logprobs"] += 1
     model = Transformer(config, attention, params_dtype(params))
-    hidden, _, _ = model.apply({"params": params}, ids, _context(mask, 0), None, hidden_only=True)
+    hidden, _, _ = model.apply({"params": params}, ids, context(mask, 0), None, hidden_only=True)
     w_EV = lm_head_weight(params, config).astype(hidden.dtype)
     B, T, E = hidden.shape
     n = T - 1
@@ -186,7 +188,7 @@ def init_cache(config: ModelConfig, batch: int, capacity: int, attention=None, d
 
 
 def _prefill_impl(params, ids, mask, cache: KVCache, config, attention):
-    ctx = _context(mask, cache.index, cache.pad)
+    ctx = context(mask, cache.index, cache.pad)
     model = Transformer(config, attention, params_dtype(params))
     logits, layers, _ = model.apply({"params": params}, ids, ctx, cache.layers, last_only=True)
     cache = cache.replace(layers=layers, index=cache.index + ids.shape[1], pad=ctx.pad)
@@ -228,9 +230,14 @@ def prefill(params, config: ModelConfig, input_ids, cache: KVCache, attention=No
     return _prefill_jit(params, jnp.asarray(ids), jnp.asarray(mask), cache, config, attention)
 
 
-def decode_step(params, config: ModelConfig, token, cache: KVCache, attention=None):
-    """Feed one token per row ([B] ids) at the cache cursor; returns (logits [B, V] f32, cache)."""
+def decode_step(params, config: ModelConfig, token, cache: KVCache, attention=None, check: bool = True):
+    """Feed one token per row ([B] ids) at the cache cursor; returns (logits [B, V] f32, cache).
+
+    `check=False` skips the host-side checks (token range, cache capacity), which wait for the
+    previous step: for timing loops that know their inputs are valid."""
     attention = resolve_attention(attention)
+    if not check:
+        return _decode_jit(params, jnp.asarray(token, jnp.int32).reshape(-1), cache, config, attention)
     tok = check_input_ids(np.asarray(token).reshape(-1, 1), config, "token")[:, 0]
     if int(cache.index) >= cache.capacity:
         raise CacheCapacityError(f"decode step at slot {int(cache.index)} is past the cache capacity "
@@ -290,3 +297,23 @@ def generate(params, config: ModelConfig, input_ids, max_new_tokens: int, attent
     new = _generate(params, jnp.asarray(ids_p), jnp.asarray(mask_p), jnp.int32(max_new_tokens),
                     config, attention, capacity, steps)
     return jnp.concatenate([jnp.asarray(ids), new[:, :max_new_tokens]], axis=1)
+
+
+def cut_at_eos(ids, eos_token_id) -> list[int]:
+    """The token ids before the first end-of-sequence id (`eos_token_id`: an int, a tuple, or None)."""
+    eos = set() if eos_token_id is None else set(eos_token_id) if isinstance(eos_token_id, (tuple, list)) \
+        else {eos_token_id}
+    ids = [int(t) for t in ids]
+    return next((ids[:i] for i, t in enumerate(ids) if t in eos), ids)
+
+
+def generate_batch(params, config: ModelConfig, prompts, max_new_tokens: int, attention=None) -> list[list[int]]:
+    """Greedy continuations of prompts of different lengths (1-D id arrays), run as one left-padded
+    batch; each row's new ids cut at its first EOS."""
+    T = max(len(p) for p in prompts)
+    ids = np.zeros((len(prompts), T), np.int32)
+    mask = np.zeros((len(prompts), T), bool)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):], mask[i, T - len(p):] = p, True
+    out = np.asarray(generate(params, config, ids, max_new_tokens, attention=attention, attention_mask=mask))
+    return [cut_at_eos(row[T:], config.eos_token_id) for row in out]

@@ -1,7 +1,7 @@
 """Attention as a pure, swappable function: the context it receives and full causal attention.
 
-Axis legend: B batch, T new tokens (queries), S key slots, K kv heads, G query heads per kv head,
-H query heads (= K·G), D head_dim, C cache capacity, L layers.
+Axis legend: B batch, T new tokens (queries), S key slots (cache positions), K kv heads, G query heads per kv head,
+H query heads (= K·G), D head_dim, L layers.
 
 An attention implementation is a hashable object (a frozen dataclass) with
 
@@ -13,10 +13,7 @@ An attention implementation is a hashable object (a frozen dataclass) with
 `q` [B,T,H,D], `k`/`v` [B,T,K,D] arrive **un-rotated** so that an implementation can place keys at
 positions of its own choosing (LongHeads does); `rope` rotates them. `cache` is the layer's cache
 as it was before this call (read-only; None for a cache-free forward pass). The layer returns
-`writes` instead of a new cache. In a decode step the model applies them to the stacked cache
-after the layer scan (all layers at once), so the cache is updated in place instead of copied
-layer by layer; in a prefill each layer applies its own (L = 1) inside the scan, so the writes
-of all layers never sit beside the cache.
+`writes` instead of a new cache; the model applies them with `write_cache` (see models/llama.py).
 `aux` is any per-layer pytree (or None), stacked over layers for diagnostics.
 """
 from __future__ import annotations
@@ -28,10 +25,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from . import softmax
 from .config import ModelConfig
-
-# Finite, so that a fully masked row gives a finite (not NaN) softmax.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+from .softmax import MASK_VALUE
 
 
 @struct.dataclass
@@ -44,12 +40,14 @@ class AttentionContext:
     pad: jax.Array  # [B] int32, number of left-padding slots of each row
 
 
-def _group(q_BTHD, num_kv):
+def group_heads(q_BTHD, num_kv):
+    """[B, T, H, D] -> [B, K, G, T, D]: query heads grouped by their kv head."""
     B, T, H, D = q_BTHD.shape
     return q_BTHD.reshape(B, T, num_kv, H // num_kv, D).transpose(0, 2, 3, 1, 4)  # BKGTD
 
 
-def _ungroup(o_BKGTD):
+def ungroup_heads(o_BKGTD):
+    """[B, K, G, T, D] -> [B, T, H, D], the inverse of `group_heads`."""
     B, K, G, T, D = o_BKGTD.shape
     return o_BKGTD.transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, D)
 
@@ -61,29 +59,18 @@ def attend_stats(q_BKGTD, k_BKSD, v_BKSD, mask_BTS, scale, keys_transposed=False
     eq = "BKGTD,BKDS->BKGTS" if keys_transposed else "BKGTD,BKSD->BKGTS"
     s = jnp.einsum(eq, q_BKGTD, k_BKSD, preferred_element_type=jnp.float32) * scale
     s = jnp.where(mask_BTS[:, None, None], s, MASK_VALUE)
-    m = jnp.max(s, axis=-1)
-    p = jnp.exp(s - m[..., None])
-    l = jnp.sum(p, axis=-1)
-    o = jnp.einsum("BKGTS,BKSD->BKGTD", p.astype(v_BKSD.dtype), v_BKSD, preferred_element_type=jnp.float32)
-    return o / l[..., None], m + jnp.log(l)
-
-
-def merge_stats(parts):
-    """Combine [(out, lse), ...] of attention over disjoint key sets (log-sum-exp merge)."""
-    lse = parts[0][1]
-    for _, l in parts[1:]:
-        lse = jnp.logaddexp(lse, l)
-    out = sum(o * jnp.exp(l - lse)[..., None] for o, l in parts)
-    return out, lse
+    pv = lambda p: jnp.einsum("BKGTS,BKSD->BKGTD", p.astype(v_BKSD.dtype), v_BKSD,
+                              preferred_element_type=jnp.float32)
+    return softmax.finalize(softmax.update(softmax.init(s.shape[:-1], v_BKSD.shape[-1]), s, pv))
 
 
 def attend(q_BTHD, k_BSKD, v_BSKD, mask_BTS, scale=None):
     """Softmax attention of q over k/v under a boolean mask [B, T, S]; GQA by grouping heads."""
     K, D = k_BSKD.shape[2], q_BTHD.shape[-1]
     scale = D ** -0.5 if scale is None else scale
-    out, _ = attend_stats(_group(q_BTHD, K), k_BSKD.transpose(0, 2, 1, 3), v_BSKD.transpose(0, 2, 1, 3),
+    out, _ = attend_stats(group_heads(q_BTHD, K), k_BSKD.transpose(0, 2, 1, 3), v_BSKD.transpose(0, 2, 1, 3),
                           mask_BTS, scale)
-    return _ungroup(out).astype(q_BTHD.dtype)
+    return ungroup_heads(out).astype(q_BTHD.dtype)
 
 
 def flash_causal(q_BKGTD, k_BKTD, v_BKTD, key_valid_BT, window=None, block=512):
@@ -107,7 +94,6 @@ def flash_causal(q_BKGTD, k_BKTD, v_BKTD, key_valid_BT, window=None, block=512):
     diag_ok = offs[None, :] <= offs[:, None]
 
     def tile(q_b, j, state, mask=None):
-        m, l, acc = state
         kb = jax.lax.dynamic_index_in_dim(k_blocks, j, 2, keepdims=False)
         vb = jax.lax.dynamic_index_in_dim(v_blocks, j, 2, keepdims=False)
         bj = jax.lax.dynamic_index_in_dim(bias, j, 1, keepdims=False)  # [B, block]
@@ -115,17 +101,11 @@ def flash_causal(q_BKGTD, k_BKTD, v_BKTD, key_valid_BT, window=None, block=512):
         s = s + bj[:, None, None, None, :]
         if mask is not None:
             s = jnp.where(mask, s, MASK_VALUE)
-        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        p = jnp.exp(s - m_new[..., None])
-        corr = jnp.exp(m - m_new)
-        l = l * corr + jnp.sum(p, axis=-1)
-        acc = acc * corr[..., None] + jnp.einsum("BKGTS,BKSD->BKGTD", p.astype(vb.dtype), vb,
-                                                 preferred_element_type=jnp.float32)
-        return m_new, l, acc
+        pv = lambda p: jnp.einsum("BKGTS,BKSD->BKGTD", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+        return softmax.update(state, s, pv)
 
     def q_block(i, q_b):
-        init = (jnp.full((B, K, G, block), MASK_VALUE, jnp.float32), jnp.zeros((B, K, G, block), jnp.float32),
-                jnp.zeros((B, K, G, block, D), jnp.float32))
+        init = softmax.init((B, K, G, block), D)
         if window is None:
             state = jax.lax.fori_loop(0, i, lambda j, st: tile(q_b, j, st), init)
         else:
@@ -137,8 +117,7 @@ def flash_causal(q_BKGTD, k_BKTD, v_BKTD, key_valid_BT, window=None, block=512):
                 return tile(q_b, j, st, (q_slot[:, None] - k_slot[None, :]) < window)
             state = jax.lax.fori_loop(lo, i, windowed, init)
             diag_ok_w = diag_ok & ((offs[:, None] - offs[None, :]) < window)
-        m, l, acc = tile(q_b, i, state, diag_ok if window is None else diag_ok_w)
-        return acc / l[..., None], m + jnp.log(l)
+        return softmax.finalize(tile(q_b, i, state, diag_ok if window is None else diag_ok_w))
 
     out, lse = jax.lax.map(lambda xs: q_block(*xs), (jnp.arange(n, dtype=jnp.int32), q_blocks))
     out = out.transpose(1, 2, 3, 0, 4, 5).reshape(B, K, G, Tp, D)[:, :, :, :T]
@@ -163,20 +142,20 @@ def self_attention_stats(q_BKGTD, k_BKTD, v_BKTD, key_valid_BT, window=None, blo
     return flash_causal(q_BKGTD, k_BKTD, v_BKTD, key_valid_BT, window, block)
 
 
-def cached_attention_stats(q_BKGTD, k_BKDC, v_BKCD, ctx: AttentionContext, window=None, block=512):
+def cached_attention_stats(q_BKGTD, k_BKDS, v_BKSD, ctx: AttentionContext, window=None, block=512):
     """Attention of the new tokens over the slots already in the cache (slots < ctx.start).
 
-    Keys are cached transposed, [B, K, D, C], so a decode step's q·kᵀ reads them in place."""
+    Keys are cached transposed, [B, K, D, S], so a decode step's q·kᵀ reads them in place."""
     B, K, G, T, D = q_BKGTD.shape
-    C = k_BKDC.shape[3]
-    slot = jnp.arange(C, dtype=jnp.int32)
-    key_ok = (slot[None, :] >= ctx.pad[:, None]) & (slot[None, :] < ctx.start)  # [B, C]
+    S = k_BKDS.shape[3]
+    slot = jnp.arange(S, dtype=jnp.int32)
+    key_ok = (slot[None, :] >= ctx.pad[:, None]) & (slot[None, :] < ctx.start)  # [B, S]
 
     def part(q_b, q_slot):
-        mask = jnp.broadcast_to(key_ok[:, None, :], (B, q_slot.shape[0], C))
+        mask = jnp.broadcast_to(key_ok[:, None, :], (B, q_slot.shape[0], S))
         if window is not None:
             mask &= (q_slot[None, :, None] - slot[None, None, :]) < window
-        return attend_stats(q_b, k_BKDC, v_BKCD, mask, D ** -0.5, keys_transposed=True)
+        return attend_stats(q_b, k_BKDS, v_BKSD, mask, D ** -0.5, keys_transposed=True)
 
     q_slot = ctx.start + jnp.arange(T, dtype=jnp.int32)
     if T <= block:
@@ -190,20 +169,20 @@ def cached_attention_stats(q_BKGTD, k_BKDC, v_BKCD, ctx: AttentionContext, windo
     return out, lse.transpose(1, 2, 3, 0, 4).reshape(B, K, G, n * block)[..., :T]
 
 
-def write_slots(cache_LBKCD, new_LBTKD, start, transposed=False):
-    """Write new entries [L, B, T, K, D] into a stacked cache [L, B, K, C, D] (or, `transposed`,
-    [L, B, K, D, C]) at slot `start`."""
+def write_slots(cache_LBKSD, new_LBTKD, start, transposed=False):
+    """Write new entries [L, B, T, K, D] into a stacked cache [L, B, K, S, D] (or, `transposed`,
+    [L, B, K, D, S]) at slot `start`."""
     if transposed:
-        new = new_LBTKD.transpose(0, 1, 3, 4, 2).astype(cache_LBKCD.dtype)
-        return jax.lax.dynamic_update_slice_in_dim(cache_LBKCD, new, start, axis=4)
-    new = new_LBTKD.transpose(0, 1, 3, 2, 4).astype(cache_LBKCD.dtype)
-    return jax.lax.dynamic_update_slice_in_dim(cache_LBKCD, new, start, axis=3)
+        new = new_LBTKD.transpose(0, 1, 3, 4, 2).astype(cache_LBKSD.dtype)
+        return jax.lax.dynamic_update_slice_in_dim(cache_LBKSD, new, start, axis=4)
+    new = new_LBTKD.transpose(0, 1, 3, 2, 4).astype(cache_LBKSD.dtype)
+    return jax.lax.dynamic_update_slice_in_dim(cache_LBKSD, new, start, axis=3)
 
 
 @dataclasses.dataclass(frozen=True)
 class FullAttention:
     """Ordinary causal attention at true positions (the model's own behaviour); keys cached rotated,
-    transposed ([B, K, D, C]) so that decode reads them without a copy.
+    transposed ([B, K, D, S]) so that decode reads them without a copy.
 
     Long prompts use a tiled, diagonal-skipping kernel; prompts of at most `dense_below` tokens,
     or every prompt with `differentiable=True`, use one dense masked softmax (reverse-mode
@@ -228,7 +207,7 @@ class FullAttention:
         q = rope.apply(q, ctx.positions, cos_sin=cos_sin)
         k = rope.apply(k, ctx.positions, cos_sin=cos_sin)
         K = k.shape[2]
-        q_g = _group(q, K)
+        q_g = group_heads(q, K)
         k_t, v_t = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         parts = [self_attention_stats(q_g, k_t, v_t, ctx.token_mask, window, self.block, self.dense_below,
                                       self.differentiable)]
@@ -241,8 +220,8 @@ class FullAttention:
                 nothing = lambda: (jnp.zeros_like(parts[0][0]), jnp.full_like(parts[0][1], MASK_VALUE))
                 parts.append(jax.lax.cond(ctx.start > 0, past, nothing))
             writes = {"k": k, "v": v}
-        out, _ = merge_stats(parts)
-        return _ungroup(out).astype(q.dtype), writes, None
+        out, _ = softmax.merge(parts)
+        return ungroup_heads(out).astype(q.dtype), writes, None
 
     def write_cache(self, cache, writes, ctx: AttentionContext):
         return {"k": write_slots(cache["k"], writes["k"], ctx.start, transposed=True),

@@ -1,7 +1,7 @@
 """One LLaMA-style decoder (LLaMA 2/3, Mistral, Qwen2, SmolLM) as functional Flax linen.
 
 Axis legend: B batch, T tokens, L layers, E hidden size, F MLP size, H query heads,
-K kv heads, D head_dim, V vocabulary, C cache capacity.
+K kv heads, D head_dim, V vocabulary.
 
 Params are an explicit pytree; the per-layer params are stacked on a leading L axis and the
 layers run under `jax.lax.scan`, so compile time does not grow with depth. The attention function is
@@ -58,20 +58,11 @@ class DecoderLayer(nn.Module):
     config: ModelConfig
     attention: Any
     dtype: Any = jnp.float32
-    carry_cache: bool = False
 
     @nn.compact
     def __call__(self, x_BTE, cache, ctx: AttentionContext):
-        """x [B, T, E], this layer's cache (or None), ctx -> (x, (writes, aux)).
-
-        With `carry_cache` the first argument is (x, stacked cache of all layers) and the second
-        this layer's index; the layer writes its entries into the stacked cache itself and returns
-        ((x, cache), aux) — the prefill path, which then never holds a second copy of the cache.
-        """
+        """x [B, T, E], this layer's cache (or None), ctx -> (x, (cache writes, aux))."""
         cfg = self.config
-        if self.carry_cache:
-            (x_BTE, stacked), layer = x_BTE, cache
-            cache = jax.tree.map(lambda c: jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False), stacked)
         B, T, _ = x_BTE.shape
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_norm")(x_BTE)
         q = _dense(cfg.num_heads * cfg.head_dim, cfg.attention_bias, self.dtype, "q_proj")(h)
@@ -88,12 +79,6 @@ class DecoderLayer(nn.Module):
         gate = _dense(cfg.intermediate_size, cfg.mlp_bias, self.dtype, "gate_proj")(h)
         up = _dense(cfg.intermediate_size, cfg.mlp_bias, self.dtype, "up_proj")(h)
         x_BTE = x_BTE + _dense(cfg.hidden_size, cfg.mlp_bias, self.dtype, "down_proj")(nn.silu(gate) * up)
-        if self.carry_cache:
-            one = lambda t: jax.tree.map(lambda a: a[None], t)
-            new = self.attention.write_cache(one(cache), one(writes), ctx)
-            stacked = jax.tree.map(lambda s_, n: jax.lax.dynamic_update_index_in_dim(s_, n[0].astype(s_.dtype), layer, 0),
-                                   stacked, new)
-            return (x_BTE, stacked), aux
         return x_BTE, (writes, aux)
 
 
@@ -116,11 +101,10 @@ class Transformer(nn.Module):
                          embedding_init=nn.initializers.normal(0.02), name="embed")
         x = embed(ids_BT)
         L = cfg.num_layers
-        layer = lambda carry_cache=False: DecoderLayer(cfg, self.attention, self.dtype, carry_cache=carry_cache,
-                                                       parent=None)
+        layer = DecoderLayer(cfg, self.attention, self.dtype, parent=None)
 
         def init_layers(rng):  # stacked per-layer params, one independent init per layer
-            return jax.vmap(lambda r: layer().init(r, x, None, ctx)["params"])(jax.random.split(rng, L))
+            return jax.vmap(lambda r: layer.init(r, x, None, ctx)["params"])(jax.random.split(rng, L))
 
         # read the stacked params directly when present: `self.param` would trace `init_layers`
         # (every layer, attention included) once more just to check their shapes
@@ -131,19 +115,27 @@ class Transformer(nn.Module):
         # the layers run under jax.lax.scan over the stacked params: one trace of the layer body
         # (nn.scan traces it twice), and compile time does not grow with depth
         if cache is not None and ids_BT.shape[1] > 1:
-            # prefill: each layer writes into the (donated) stacked cache inside the scan, so the
-            # new entries of all layers never exist beside the cache (peak memory ~ one cache)
+            # prefill: the scan carries the (donated) stacked cache; each step reads its layer's
+            # slice, runs the layer and writes the slice back, so the new entries of all layers
+            # never exist beside the cache (peak memory ~ one cache)
             def prefill_body(carry, xs):
-                p, i = xs
-                return layer(True).apply({"params": p}, carry, i, ctx)
+                x, cache = carry
+                params, i = xs
+                layer_cache = jax.tree.map(lambda c: jax.lax.dynamic_index_in_dim(c, i, 0, keepdims=False), cache)
+                x, (writes, aux) = layer.apply({"params": params}, x, layer_cache, ctx)
+                one = lambda tree: jax.tree.map(lambda a: a[None], tree)
+                new = self.attention.write_cache(one(layer_cache), one(writes), ctx)
+                cache = jax.tree.map(lambda c, n: jax.lax.dynamic_update_index_in_dim(c, n[0].astype(c.dtype), i, 0),
+                                     cache, new)
+                return (x, cache), aux
 
             (x, cache), aux = jax.lax.scan(prefill_body, (x, cache), (stacked, jnp.arange(L, dtype=jnp.int32)))
         else:
-            # decode: one token's writes per layer, stacked and applied after the scan, so the
-            # cache is updated in place instead of copied layer by layer
+            # decode (or no cache): one token's writes per layer, stacked and applied after the scan,
+            # so the cache is updated in place instead of copied layer by layer
             def body(x, xs):
-                p, c = xs
-                return layer().apply({"params": p}, x, c, ctx)
+                params, layer_cache = xs
+                return layer.apply({"params": params}, x, layer_cache, ctx)
 
             x, (writes, aux) = jax.lax.scan(body, x, (stacked, cache))
             if cache is not None:

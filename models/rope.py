@@ -117,13 +117,17 @@ class Rope:
     def apply(self, x_BTHD, positions_BT, seq_len=None, cos_sin=None):
         """Rotate x [B, T, H, D] by positions [B, T]; computed in float32, returned in x.dtype."""
         cos, sin = cos_sin if cos_sin is not None else self.cos_sin(positions_BT, seq_len)
-        return rotate(x_BTHD, cos, sin)
+        return rotate(x_BTHD, cos[:, :, None], sin[:, :, None])
 
 
-def rotate(x_BTHD, cos_BTD, sin_BTD):
-    """x·cos + rotate_half(x)·sin with cos/sin [B, T, D] broadcast over heads."""
-    x = x_BTHD.astype(jnp.float32)
+def rotate_half(x):
+    """[-x2, x1] for x = [x1, x2] split in halves on the last axis (the HF RoPE layout)."""
     half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    out = x * cos_BTD[:, :, None, :] + rotated * sin_BTD[:, :, None, :]
-    return out.astype(x_BTHD.dtype)
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def rotate(x, cos, sin):
+    """x·cos + rotate_half(x)·sin, computed in float32 with cos/sin broadcast against x; returned in
+    x's dtype. The one RoPE rotation of the package."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)

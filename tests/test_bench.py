@@ -1,78 +1,127 @@
-"""`lh-jax bench` end to end on a tiny model: one subprocess per cell, LongHeads / lh-jax full /
-transformers rows, each with positive timings and memory (a failed cell would carry an error)."""
+"""`lh-jax bench` (experiments/bench.py), the one timing harness: model / decode / layer scopes,
+one subprocess per cell or in process, the floors summary, the flop count of the layer scope."""
 from __future__ import annotations
 
 import json
 
+import numpy as np
+import pytest
+
+import lh_jax
 import lh_jax.cli
-from conftest import save_tiny_with_tokenizer
+from conftest import copy_without_weights, save_tiny_with_tokenizer
+from lh_jax.experiments import bench
 
 
-def test_bench_rows(tmp_path):
-    model = save_tiny_with_tokenizer(tmp_path / "m", seed=7)
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return save_tiny_with_tokenizer(tmp_path_factory.mktemp("bench") / "m", seed=7)
+
+
+def test_model_scope_rows_one_subprocess_per_cell(model, tmp_path):
     out = tmp_path / "rows.json"
     lh_jax.cli.main(["bench", "--model", model, "--lengths", "96", "--repeats", "1", "--decode-steps", "2",
-                     "--attention", "longheads", "--windows", "16x4", "--text", "random", "--out", str(out),
+                     "--methods", "longheads:16x4,full", "--text", "random", "--out", str(out),
                      "--torch-dtypes", "float32,bfloat16"])
     rows = json.loads(out.read_text())["rows"]
-    got = {(r["impl"], r["attention"], r["dtype"]) for r in rows}
-    assert got == {("lh-jax", "longheads 16x4", "float32"), ("lh-jax", "full", "float32"),
+    got = {(r["impl"], r["method"], r["dtype"]) for r in rows}
+    assert got == {("lh-jax", "longheads:16x4", "float32"), ("lh-jax", "full", "float32"),
                    ("transformers", "full", "float32"), ("transformers", "full", "bfloat16")}, rows
     for r in rows:
         assert "error" not in r, r
         assert r["length"] == 96 and r["prefill_s"] > 0 and r["decode_ms"] > 0 and r["peak_rss_gib"] > 0
 
 
-def test_bench_rejects_unknown_torch_dtype(capsys):
-    import pytest
-    with pytest.raises(SystemExit, match="--torch-dtypes.*float16"):
-        lh_jax.cli.main(["bench", "--lengths", "96", "--torch-dtypes", "float32,float16"])
-
-
-def _bench_args(argv):
-    import argparse
-
-    from lh_jax.experiments import bench
-    p = argparse.ArgumentParser()
-    bench.add_arguments(p)
-    args = p.parse_args(argv)
-    bench.resolve_defaults(args)
-    return args
-
-
-def test_bench_defaults_follow_the_attention():
-    # `lh-jax bench --attention longheads` alone is the issue's grid: 4k-32k, windows 128x16 and
-    # 256x16, full attention up to 16k; an explicit window or length list wins.
-    a = _bench_args(["--attention", "longheads"])
-    assert (a.lengths, a.windows, a.full_up_to_tokens) == ("4k,8k,16k,32k", "128x16,256x16", 16384)
-    a = _bench_args(["--attention", "longheads", "--chunk-size", "64", "--lengths", "2k"])
-    assert (a.lengths, a.windows, a.chunk_size, a.num_chunks) == ("2k", None, 64, 16)
-    a = _bench_args([])
-    assert (a.lengths, a.windows, a.full_up_to_tokens) == ("1k,4k,8k", None, None)
-    import pytest
-    with pytest.raises(SystemExit, match="--full-up-to"):
-        _bench_args(["--attention", "longheads", "--full-up-to", "lots"])
-
-
-def test_bench_full_up_to_and_scaling_summary(tmp_path, capsys):
-    # Full-attention rows stop at --full-up-to; the summary's ratios are those of the rows printed.
-    model = save_tiny_with_tokenizer(tmp_path / "m", seed=7)
+def test_full_up_to_and_the_floors_summary(model, tmp_path, capsys):
+    # full-attention rows stop at --full-up-to; the summary's ratios are those of the rows printed
     out = tmp_path / "rows.json"
     lh_jax.cli.main(["bench", "--model", model, "--lengths", "64,128", "--repeats", "1", "--decode-steps", "2",
-                     "--attention", "longheads", "--chunk-size", "16", "--num-chunks", "4", "--text", "random",
-                     "--full-up-to", "64", "--out", str(out)])
+                     "--methods", "longheads:16x4,full", "--text", "random", "--full-up-to", "64", "--out", str(out)])
     data = json.loads(out.read_text())
     rows = data["rows"]
-    got = sorted((r["impl"], r["attention"], r["length"]) for r in rows)
-    assert got == [("lh-jax", "full", 64), ("lh-jax", "longheads 16x4", 64), ("lh-jax", "longheads 16x4", 128),
+    got = sorted((r["impl"], r["method"], r["length"]) for r in rows)
+    assert got == [("lh-jax", "full", 64), ("lh-jax", "longheads:16x4", 64), ("lh-jax", "longheads:16x4", 128),
                    ("transformers", "full", 64)], rows
     assert [r["length"] for r in rows] == sorted(r["length"] for r in rows)
-    lh = {r["length"]: r for r in rows if r["attention"] == "longheads 16x4"}
+    lh = {r["length"]: r for r in rows if r["method"] == "longheads:16x4"}
     tf = next(r for r in rows if r["impl"] == "transformers")
+    full = next(r for r in rows if r["impl"] == "lh-jax" and r["method"] == "full")
     (s,) = data["summary"]
-    assert s["prefill_ratio"]["value"] == lh[128]["prefill_s"] / lh[64]["prefill_s"]
-    assert s["vs_transformers"] == {"length": 64, "value": lh[64]["prefill_s"] / tf["prefill_s"]}
+    assert s["doubling"] == [{"long": 128, "value": lh[128]["prefill_s"] / lh[64]["prefill_s"]}]
+    assert s["vs_transformers"] == [{"length": 64, "value": lh[64]["prefill_s"] / tf["prefill_s"]}]
+    assert s["vs_full"] == [{"length": 64, "value": lh[64]["prefill_s"] / full["prefill_s"]}]
     assert s["decode_ratio"]["value"] == lh[128]["decode_ms"] / lh[64]["decode_ms"]
     assert s["peak_rss_gib"] == {"length": 128, "value": lh[128]["peak_rss_gib"]}
-    printed = capsys.readouterr().out
-    assert "skipped: --full-up-to 64" in printed and f"{s['prefill_ratio']['value']:.2f} (128 / 64)" in printed
+    assert f"{s['doubling'][0]['value']:.2f} (128)" in capsys.readouterr().out
+
+
+def test_decode_and_layer_scopes_in_process(model, capsys):
+    rows = bench.cli_main(_args(["--model", model, "--scope", "decode", "--lengths", "64,100", "--decode-steps", "2",
+                                 "--methods", "longheads:16x4,full", "--in-process", "--random-weights"]))
+    assert [(r["method"], r["length"]) for r in rows] == [("longheads:16x4", 64), ("full", 64),
+                                                          ("longheads:16x4", 100), ("full", 100)]
+    assert all("error" not in r and r["decode_ms"] > 0 for r in rows), rows
+    rows = bench.cli_main(_args(["--scope", "layer", "--lengths", "160", "--repeats", "1", "--in-process",
+                                 "--methods", "full,longheads:16x4"]))
+    assert all("error" not in r and r["median_ms"] > 0 and r["gflop"] > 0 and r["finite"] for r in rows), rows
+    assert "GFLOP/s" in capsys.readouterr().out
+
+
+def test_a_failed_cell_is_an_error_row_and_a_nonzero_exit(model, tmp_path, capsys):
+    broken = copy_without_weights(model, tmp_path / "broken")
+    with pytest.raises(SystemExit) as e:
+        lh_jax.cli.main(["bench", "--model", broken, "--lengths", "64", "--repeats", "1", "--decode-steps", "1",
+                         "--methods", "full", "--no-torch", "--text", "random"])
+    assert e.value.code == 1
+    captured = capsys.readouterr()
+    assert "| error:" in captured.out and "1 of 1 cells failed" in captured.err
+
+
+@pytest.mark.parametrize("argv,match", [(["--torch-dtypes", "float32,float16"], "--torch-dtypes.*float16"),
+                                        (["--full-up-to", "lots"], "--full-up-to"),
+                                        (["--lengths", "4q"], "--lengths"), (["--repeats", "0"], "--repeats")])
+def test_bad_arguments_fail_before_anything_runs(argv, match):
+    with pytest.raises(SystemExit, match=match):
+        bench.cli_main(_args(argv))
+
+
+def _args(argv):
+    import argparse
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    return p.parse_args(argv)
+
+
+def _pairs(attention, T):
+    """(query, key) pairs a causal prefill computes, counted from the method's definition: every
+    query below the dense prefix sees all earlier keys, later queries num_chunks whole chunks —
+    all earlier chunks while they are fewer (the own chunk only up to the query)."""
+    if not isinstance(attention, lh_jax.LongHeads):
+        return int(np.tril(np.ones((T, T))).sum())
+    l, N, Dn = attention.chunk_size, attention.num_chunks, attention.dense_length
+    total = 0
+    for t in range(T):
+        if t < Dn:
+            total += t + 1
+            continue
+        total += t % l + 1 + min(t // l, N - 1) * l
+    return total
+
+
+@pytest.mark.parametrize("attention, T", [
+    (lh_jax.FullAttention(), 100),
+    (lh_jax.LongHeads(16, 4), 64),  # all within the dense prefix
+    (lh_jax.LongHeads(16, 4), 200),
+    (lh_jax.LongHeads(16, 4, dense_length=32), 200),
+])
+def test_layer_flop_count_matches_the_pairs_attended(attention, T):
+    H, D = 3, 8
+    assert bench.attention_flops(attention, T, H, D) == pytest.approx(4 * H * D * _pairs(attention, T), rel=1e-9)
+
+
+def test_smollm2_shape_matches_the_default_model():
+    """The built-in shape used by --random-weights without the file is the embedded model's."""
+    config, _ = lh_jax.load("default", progress=False)
+    for k, v in bench.SMOLLM2_135M.items():
+        got = config.rope.theta if k == "rope_theta" else getattr(config, k)
+        assert got == pytest.approx(v, rel=1e-6), k

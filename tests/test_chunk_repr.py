@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import lh_jax
-from lh_jax.chunks import (CHUNK_REPRESENTATIONS, AttnPooled, KeyBounds, MeanKeys, SubChunkPooled, SubChunks,
-                           chunk_repr_from_name)
+from lh_jax.longheads.representations import (CHUNK_REPRESENTATIONS, AttnPooled, KeyBounds, MeanKeys,
+                                              SubChunkPooled, SubChunks, representation_from_name)
 
 
 def _softmax(x):
@@ -88,20 +88,20 @@ def test_subchunk_mean_and_bounds(chunk_data, parts):
 
 
 def test_chunk_repr_names():
-    assert chunk_repr_from_name("bounds-parts:16") == SubChunks(16, KeyBounds())
-    assert chunk_repr_from_name("attn-parts") == SubChunkPooled(8)
-    assert chunk_repr_from_name("mean") == MeanKeys()
+    assert representation_from_name("bounds-parts:16") == SubChunks(16, KeyBounds())
+    assert representation_from_name("attn-parts") == SubChunkPooled(8)
+    assert representation_from_name("mean") == MeanKeys()
     for bad in ("attn:4", "attn-parts:0", "attn-parts:x", "median-parts:4", "bounds-parts:"):
         with pytest.raises(ValueError, match="unknown chunk_repr"):
-            chunk_repr_from_name(bad)
+            representation_from_name(bad)
     lh_jax.LongHeads(chunk_size=64, num_chunks=4, chunk_repr="mean-parts:64")
     # "best-key" is one key per part, whatever the chunk size (the test above checks that this
     # scores max_j q·k_j)
     for l in (16, 64, 128):
-        assert chunk_repr_from_name("best-key", l) == SubChunks(l, MeanKeys())
-        assert lh_jax.LongHeads(chunk_size=l, num_chunks=4, chunk_repr="best-key").repr_fn == SubChunks(l, MeanKeys())
+        assert representation_from_name("best-key", l) == SubChunks(l, MeanKeys())
+        assert lh_jax.LongHeads(chunk_size=l, num_chunks=4, chunk_repr="best-key").representation == SubChunks(l, MeanKeys())
     with pytest.raises(ValueError, match="'best-key' needs the chunk size"):
-        chunk_repr_from_name("best-key")
+        representation_from_name("best-key")
     with pytest.raises(ValueError, match="dividing chunk_size=64"):
         lh_jax.LongHeads(chunk_size=64, num_chunks=4, chunk_repr="bounds-parts:128")
     with pytest.raises(ValueError, match="unknown chunk_repr 'attn-parts:-2'"):

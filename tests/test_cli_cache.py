@@ -31,7 +31,7 @@ def test_second_run_reuses_compiled_programs(tmp_path):
     cache = tmp_path / "xla"
     env = {**os.environ, cli.COMPILE_CACHE_ENV: str(cache), "JAX_PLATFORMS": "cpu"}
     cmd = [sys.executable, "-m", "lh_jax.cli", "generate", "--model", model, "--prompt", "Hello there",
-           "--max-new-tokens", "4", "--attention", "longheads", "--chunk-size", "16", "--num-chunks", "4"]
+           "--max-new-tokens", "4", "--attention", "longheads:16x4"]
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
     entries = sorted(os.listdir(cache))

@@ -20,9 +20,9 @@ from lh_jax import runtime
 from lh_jax.experiments import needle as N
 from lh_jax.experiments import passkey as pk
 
-LABELS = ["full", "longheads 16x4"]
+LABELS = ["full", "longheads:16x4"]
 # one length; passkey and needle share a compiled program (prompt bucket 256, 16 decode steps)
-RUN = ["--methods", "full,longheads", "--chunk-size", "16", "--num-chunks", "4", "--lengths", "256",
+RUN = ["--methods", "full,longheads:16x4", "--lengths", "256",
        "--trials", "2", "--depths", "0.25,0.75", "--max-new-tokens", "12", "--needle-tasks", "multikey,vartrack",
        "--bucket", "64", "--reference-context", "128", "--seed", "7"]
 
@@ -39,11 +39,11 @@ def no_weights_dir(tmp_path_factory, model_dir) -> str:
 
 
 class Spy:
-    """Counts calls of the real lh_jax.generate and runtime.token_logprobs."""
+    """Counts calls of the real runtime.generate and runtime.token_logprobs."""
 
     def __init__(self, monkeypatch):
         self.generate, self.logprobs = 0, 0
-        gen, lp = lh_jax.generate, runtime.token_logprobs
+        gen, lp = runtime.generate, runtime.token_logprobs
 
         def spy_generate(*a, **kw):
             self.generate += 1
@@ -52,7 +52,7 @@ class Spy:
         def spy_logprobs(*a, **kw):
             self.logprobs += 1
             return lp(*a, **kw)
-        monkeypatch.setattr(lh_jax, "generate", spy_generate)
+        monkeypatch.setattr(runtime, "generate", spy_generate)
         monkeypatch.setattr(runtime, "token_logprobs", spy_logprobs)
 
 
@@ -182,9 +182,14 @@ def test_rerun_computes_nothing_and_seed_fixes_cells(first, model_dir, tmp_path,
     assert [r["value"] for r in fresh["rows"]] == pytest.approx([r["value"] for r in data["rows"]], rel=1e-6)
 
 
+def test_unknown_method_is_a_usage_error(no_weights_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run(no_weights_dir, tmp_path / "out", "--methods", "full,warp")
+    assert e.value.code == 2 and "unknown method 'warp'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("extra, match", [
     (["--tasks", "passkey,summarize"], "--tasks: unknown task 'summarize'"),
-    (["--methods", "full,warp"], "--methods: unknown method 'warp'"),
     (["--needle-tasks", "multikey,haystack"], "--needle-tasks: unknown needle task 'haystack'"),
     (["--depths", "0.5,1.5"], "--depths"),
     (["--bucket", "96"], "--bucket 96 does not divide length 256"),

@@ -19,6 +19,7 @@ hundred then stays well below the 1e-5 tolerance of the "identical to full atten
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import textwrap
 
@@ -31,7 +32,9 @@ import transformers
 
 import lh_jax
 from lh_jax import runtime
-from lh_jax.longheads import LongHeads
+from lh_jax.longheads import Dispatch, LongHeads
+from lh_jax.longheads import dispatch as dispatch_kernel
+from lh_jax.models.rope import Rope
 
 from conftest import nothing_compiles, run_on_virtual_devices
 
@@ -229,24 +232,70 @@ def test_fewer_chunks_is_not_full_attention(gqa):
     assert max_err(logits[:, 160:], full[:, 160:]) > 1e-2
 
 
-@pytest.mark.parametrize("attention", [
-    lh(kernel="union", tile_chunks=1, query_block=8),  # one chunk per tile, blocks of 8 queries
-    lh(kernel="union", tile_chunks=64),  # the whole union in one tile
-    lh(kernel="union", tile_chunks=3, query_block=16),  # tiles that do not divide the number of chunks
-    lh(tile_rows=7),  # chunk-major tiles of 7 rows: many partial tiles
-    lh(tile_rows=1),  # one (head, query) pair per tile
-    lh(selection_segments=4),  # query blocks in 4 groups, each scoring the chunks it can see
-    lh(selection_segments=3, tile_rows=64),  # uneven selection segments
-], ids=["union-tile1-qb8", "union-tile64", "union-tile3-qb16", "dispatch-rows7", "dispatch-rows1", "dispatch-seg4",
-        "dispatch-seg3-rows64"])
-def test_prefill_speed_knobs_do_not_change_results(gqa, attention):
-    """The two prefill kernels (chunk-major dispatch, the default, and per-block union walks) are
-    independent implementations, and their knobs only change the tiling; the selections
-    are identical and the logits equal to float rounding."""
-    base_logits, base_sel = run_forward(gqa, LH)
-    logits, sel = run_forward(gqa, attention)
-    np.testing.assert_array_equal(sel, base_sel)
-    assert max_err(logits, base_logits) <= EXACT
+def direct_selective_attention(attention, config, q, k, v, selected):
+    """LongHeads' selective attention by its definition, one (head, query) at a time in float64:
+    the query attends to the keys of its selected chunks (its own chunk up to itself), the chunks
+    laid out in order at contiguous positions 0.. (slot s holds positions s·l .. s·l + l - 1) and
+    the query at position (slots used - 1)·l + its offset; q, k rotated there by RoPE directly.
+    q [T, H, D], k / v [T, K, D] un-rotated; selected [H, T', N] for queries T - T'..T-1."""
+    T, H, D = q.shape
+    K = k.shape[1]
+    l = attention.chunk_size
+    inv = 1.0 / config.rope.theta ** (np.arange(0, D, 2) / D)
+
+    def rot(x, p):
+        a = np.concatenate([p * inv, p * inv])
+        return x * np.cos(a) + np.concatenate([-x[D // 2:], x[:D // 2]]) * np.sin(a)
+
+    first = T - selected.shape[1]
+    out = np.zeros((T - first, H, D))
+    for h in range(H):
+        kv = h // (H // K)
+        for i, t in enumerate(range(first, T)):
+            chunks = [c for c in selected[h, i] if c < -(-T // l)]
+            keys, values = [], []
+            for s, c in enumerate(chunks):
+                for o in range(l):
+                    j = c * l + o
+                    if j <= t:
+                        keys.append(rot(k[j, kv].astype(np.float64), s * l + o))
+                        values.append(v[j, kv])
+            qr = rot(q[t, h].astype(np.float64), (len(chunks) - 1) * l + t % l)
+            logits = np.array(keys) @ qr / np.sqrt(D)
+            p = np.exp(logits - logits.max())
+            out[i, h] = p @ np.array(values, np.float64) / p.sum()
+    return out
+
+
+@pytest.mark.parametrize("kernel", [Dispatch(), Dispatch(tile_rows=7), Dispatch(tile_rows=1),
+                                    Dispatch(selection_segments=3, tile_rows=64)],
+                         ids=["default", "rows7", "rows1", "seg3-rows64"])
+def test_dispatch_kernel_equals_the_direct_definition(kernel):
+    """One layer on random q/k/v (250 tokens, chunks of 32, 4 attended, dense prefix 64, GQA 4:2):
+    the dispatch kernel's output at every selective query equals the direct definition over the
+    chunks the kernel selected; the knobs only change the tiling (also many partial tiles: 7 rows,
+    one row per tile; selection in 3 uneven segments)."""
+    config = dataclasses.replace(models_config_for_layer(), num_heads=4, num_kv_heads=2, head_dim=16)
+    attention = lh(kernel=kernel)
+    T, H, K, D = 250, 4, 2, 16
+    rng = np.random.RandomState(5)
+    q, k, v = (rng.normal(size=(1, T, n, D)).astype(np.float32) for n in (H, K, K))
+    ctx = runtime.context(jnp.ones((1, T), bool), 0)
+    out, _, aux = jax.jit(lambda q, k, v: attention(q, k, v, config=config, rope=Rope.from_config(config),
+                                                    ctx=ctx, cache=None))(q, k, v)
+    selected = np.asarray(aux["selected"])[0]  # H, T' (padded to whole chunks), N
+    first = (attention.dense_length // 32) * 32
+    want = direct_selective_attention(attention, config, q[0], k[0], v[0], selected[:, :T - first])
+    got = np.asarray(out)[0, first:]
+    assert got.shape == (T - first, H, D)
+    assert max_err(got, want) <= EXACT
+
+
+def models_config_for_layer():
+    from lh_jax.models.config import RopeConfig
+    return lh_jax.ModelConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4,
+                              num_kv_heads=2, head_dim=16, max_position_embeddings=1024, rms_norm_eps=1e-6,
+                              rope=RopeConfig(theta=10000.0))
 
 
 @pytest.mark.parametrize("blocks_per_step", [1, 2])
@@ -255,16 +304,14 @@ def test_selection_pass_in_several_steps(gqa, monkeypatch, blocks_per_step):
     of the blocks, from a budget of scored (query, chunk) pairs). The budget only changes how the
     blocks are batched: with one or two blocks per step, the selections and logits are those of
     the default (all blocks of this short sequence in one step)."""
-    from lh_jax import longheads
     C = -(-T_LONG // LH.chunk_size)  # chunks after padding: the selection width
-    monkeypatch.setattr(longheads, "SELECT_QUERIES", blocks_per_step * LH.chunk_size * C)
-    # tile_rows makes this configuration distinct, so it is traced anew under the patched budget
-    attention = lh(tile_rows=2048 + blocks_per_step)
+    monkeypatch.setattr(dispatch_kernel, "SELECT_PAIRS", blocks_per_step * LH.chunk_size * C)
+    # the kernel knob makes this configuration distinct, so it is traced anew under the patched budget
+    attention = lh(kernel=Dispatch(tile_rows=2048 + blocks_per_step))
     base_logits, base_sel = run_forward(gqa, LH)
     logits, sel = run_forward(gqa, attention)
     np.testing.assert_array_equal(sel, base_sel)
     assert max_err(logits, base_logits) <= EXACT
-
 
 
 @pytest.mark.parametrize("per_step", ["all", "one"])
@@ -272,18 +319,12 @@ def test_tile_loop_kv_heads_per_step(gqa, monkeypatch, per_step):
     """The dispatch kernel's tile loop takes one kv head per step on the CPU and all of them
     elsewhere; both groupings give the selections and logits of the other (this runs the
     non-default one on whatever backend runs the tests)."""
-    from lh_jax import longheads
     base_logits, base_sel = run_forward(gqa, LH)
-    monkeypatch.setattr(longheads, "_pass2_kv_heads", (lambda K: K) if per_step == "all" else (lambda K: 1))
-    attention = lh(tile_rows=2050 if per_step == "all" else 2051)  # a distinct config: traced anew
+    monkeypatch.setattr(dispatch_kernel, "kv_heads_per_step", (lambda K: K) if per_step == "all" else (lambda K: 1))
+    attention = lh(kernel=Dispatch(tile_rows=2050 if per_step == "all" else 2051))  # distinct: traced anew
     logits, sel = run_forward(gqa, attention)
     np.testing.assert_array_equal(sel, base_sel)
     assert max_err(logits, base_logits) <= EXACT
-
-def test_auto_kernel_is_dispatch_and_names_resolve():
-    assert LH.kernel == "auto"
-    assert LH.kernel_name == "dispatch"
-    assert lh(kernel="union").kernel_name == "union" and lh(kernel="dispatch").kernel_name == "dispatch"
 
 
 # --- 3. the released code's goldens ---------------------------------------------------------------
@@ -464,7 +505,7 @@ def test_gradient_causality(gqa):
 
 def test_generation_compiles_decode_once(gqa):
     counts = runtime.TRACE_COUNTS
-    attention = lh(tile_chunks=7)  # used by no other test, so the first call must compile
+    attention = lh(kernel=Dispatch(tile_rows=2047))  # used by no other test, so the first call must compile
     prompt = IDS[:, :236]
     d0, g0 = counts["decode_step"], counts["generate"]
     first = np.asarray(lh_jax.generate(gqa.params, gqa.config, prompt, 64, attention=attention))
@@ -472,7 +513,7 @@ def test_generation_compiles_decode_once(gqa):
     second = np.asarray(lh_jax.generate(gqa.params, gqa.config, prompt[:, 1:], 60, attention=attention))
     assert (counts["decode_step"], counts["generate"]) == (d0 + 1, g0 + 1)  # same buckets
     assert second.shape == (1, 295)
-    # greedy tokens are the argmax of forward() (tile_chunks, a speed knob, changes nothing)
+    # greedy tokens are the argmax of forward() (tile_rows, a speed knob, changes nothing)
     logits = fwd(gqa, first, LH)[0, 235:299]
     picked = logits[np.arange(64), first[0, 236:]]
     assert np.all(picked >= logits.max(-1) - TOL)
@@ -588,14 +629,19 @@ def test_group_selection_is_shared_within_kv_groups(gqa):
     (dict(chunk_size=32, num_chunks=4, positions="absolute"), "positions"),
     (dict(chunk_size=32, num_chunks=4, selection="layer"), "selection"),
     (dict(chunk_size=32, num_chunks=4, dense_length=100, reference=True), "dense_length=100 must be a multiple"),
-    (dict(chunk_size=32, num_chunks=4, kernel="flash"), "kernel"),
-    (dict(chunk_size=32, num_chunks=4, tile_rows=0), "tile_rows"),
-    (dict(chunk_size=32, num_chunks=4, tile_chunks=-1), "tile_chunks"),
-    (dict(chunk_size=32, num_chunks=4, selection_segments=0), "selection_segments"),
+    (dict(chunk_size=32, num_chunks=4, kernel="dispatch"), "kernel must be a lh_jax.longheads.Dispatch"),
+    (dict(chunk_size=32, num_chunks=4, selector="best"), "selector"),
 ])
 def test_bad_settings_raise_at_construction(kwargs, name):
     with nothing_compiles(), pytest.raises(ValueError, match=name):
         LongHeads(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,name", [(dict(tile_rows=0), "tile_rows"), (dict(tile_rows=2.5), "tile_rows"),
+                                         (dict(selection_segments=0), "selection_segments")])
+def test_bad_kernel_knobs_raise_at_construction(kwargs, name):
+    with nothing_compiles(), pytest.raises(ValueError, match=name):
+        Dispatch(**kwargs)
 
 
 def test_window_beyond_trained_length_warns(models):

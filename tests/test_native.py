@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lh_jax import _native
-from lh_jax.chunks import select_chunks
+from lh_jax.longheads import select_chunks
 
 HAVE_CXX = _native._compiler() is not None
 

@@ -183,8 +183,8 @@ def run(argv: list[str]) -> dict:
     return args.func(args)
 
 
-E2E = ["--tasks", "multikey,vartrack", "--lengths", "200,256", "--max-new-tokens", "12", "--trials", "2", "--methods", "full,longheads",
-       "--chunk-size", "16", "--num-chunks", "4", "--hops", "2", "--seed", "3"]
+E2E = ["--tasks", "multikey,vartrack", "--lengths", "200,256", "--max-new-tokens", "12", "--trials", "2", "--methods", "full,longheads:16x4",
+       "--hops", "2", "--seed", "3"]
 
 
 @pytest.mark.slow  # about 25-45 s on 2 shared CPU cores (4 compilations)
@@ -197,14 +197,14 @@ def test_command_end_to_end(tiny_with_tokenizer, tmp_path):
     with open(os.path.join(out1, "needle.json")) as f:
         saved = json.load(f)
     rows = saved["rows"]
-    assert len(rows) == 16 and {r["label"] for r in rows} == {"full", "longheads 16x4"}
+    assert len(rows) == 16 and {r["label"] for r in rows} == {"full", "longheads:16x4"}
     for r in rows:  # stored scores agree with a fresh scoring of the stored output
         assert (r["score"], r["all_found"]) == N.score(r["output"], r["answers"])
         assert r["length"] - max(4, r["length"] // 100) <= r["tokens"] <= r["length"]
-    by_method = {lab: [r["output"] for r in rows if r["label"] == lab] for lab in ("full", "longheads 16x4")}
-    assert by_method["full"] != by_method["longheads 16x4"]  # each method really ran with its attention
+    by_method = {lab: [r["output"] for r in rows if r["label"] == lab] for lab in ("full", "longheads:16x4")}
+    assert by_method["full"] != by_method["longheads:16x4"]  # each method really ran with its attention
     table = open(os.path.join(out1, "needle.md")).read()
-    assert "| multikey | 256 |" in table and "| vartrack | 200 |" in table and "longheads 16x4" in table
+    assert "| multikey | 256 |" in table and "| vartrack | 200 |" in table and "longheads:16x4" in table
 
     # resume: nothing runs again; a cell dropped from the store is the only one recomputed
     cells = os.path.join(out1, "cells.jsonl")
@@ -240,7 +240,6 @@ def tokenizer_only_dir(tmp_path_factory, tiny_with_tokenizer):
     (["--hops", "0"], "--hops must be"),
     (["--trials", "0"], "--trials must be"),
     (["--haystack", "/no/such/file.txt"], "no such file"),
-    (["--methods", "longheads", "--num-chunks", "2"], "num_chunks"),
     (["--lengths", "1k,-4"], "--lengths"),
 ])
 def test_bad_input_before_model(tokenizer_only_dir, tmp_path, extra, match):

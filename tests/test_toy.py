@@ -122,10 +122,7 @@ def test_save_load_roundtrip(tmp_path):
         toy.load_toy(str(tmp_path))
 
 
-def test_parse_methods():
-    specs = toy.parse_methods("full,longheads:16x16,sliding:32x8,longheads:16x16:bounds")
-    assert [s.label for s in specs] == ["full", "longheads 16x16", "sliding 32x8",
-                                        "longheads 16x16 chunk_repr=bounds"]
-    for bad in ("longheads:16", "nope", "longheads:16x16:attn:x", ""):
-        with pytest.raises(ValueError):
-            toy.parse_methods(bad)
+def test_default_methods_parse():
+    from lh_jax.methods import parse_methods
+    assert [s.label for s in parse_methods(toy.DEFAULT_METHODS)] == [
+        "full", "longheads:16x16", "longheads:32x8", "sliding:16x16", "longheads:16x16/bounds"]

@@ -1,12 +1,21 @@
-"""The swappable pieces of LongHeads: chunk representations, chunk selection, position schemes.
+"""Chunk representations: how a chunk is summarised, and how a query scores the summaries.
 
-Axis legend: B batch, H query heads, K kv heads, G heads per kv head, R representation heads
-(H or K), C chunks, l tokens per chunk, t queries, N chunks attended per query, D head_dim,
+Axis legend: B batch, H query heads, K kv heads, G query heads per kv head, R representation
+heads (H or K), C chunks, P parts of a chunk, l tokens per chunk, t queries, D head_dim,
 X representation width.
 
-Each piece is a pure function (or a frozen dataclass of pure functions), so an ablation is a
-constructor argument: `LongHeads(..., chunk_repr="mean")`, `LongHeads(..., positions="original")`,
-or your own object with the same methods.
+A representation is a frozen dataclass (hashable, so it can sit in a jitted function's static
+arguments) with
+
+    needs_queries: bool                                   # does build() read the chunk's queries?
+    build(q_BCtHD, k_BCtKD, v_BCtKD, valid_BCt) -> reps [B, R, C, X] float32
+    score(q_BHtD, reps_BRCX) -> scores [B, H, t, C] float32
+    width(num_heads, num_kv_heads, head_dim) -> (R, X)
+    check(chunk_size) -> None                             # optional: raise on a bad parameter
+
+`build` sees a chunk's queries and keys rotated by their offsets inside the chunk (0..l-1) and
+its values; `score` sees un-rotated queries (the paper's convention). Pass your own object as
+`LongHeads(chunk_repr=...)` to try another summary.
 """
 from __future__ import annotations
 
@@ -16,12 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lh_jax import _native
 
-NEG_INF = -jnp.inf
-
-
-# --- chunk representations ---------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class AttnPooled:
@@ -161,7 +165,7 @@ CHUNK_REPRESENTATIONS = {"attn": AttnPooled(), "mean": MeanKeys(), "bounds": Key
 BEST_KEY = "best-key"
 
 
-def chunk_repr_from_name(name: str, chunk_size: int | None = None):
+def representation_from_name(name: str, chunk_size: int | None = None):
     """A registered name, "<base>-parts:P" (e.g. "bounds-parts:16") for P sub-chunks per chunk, or
     "best-key": a chunk scores its best single key, max_j q·k_j (one key per part, i.e.
     "mean-parts:<chunk_size>"; it keeps a copy of the keys and scores every cached key per query).
@@ -180,77 +184,23 @@ def chunk_repr_from_name(name: str, chunk_size: int | None = None):
                      "or pass an object with build/score/width")
 
 
-# --- selection ---------------------------------------------------------------------------------
-
-def select_chunks(scores, cur, num_chunks: int, force_prev=True):
-    """Pick the chunks one query attends to.
-
-    scores [..., C] (any float), cur [...] int (the query's own chunk), force_prev [...] bool.
-    Forced: chunk 0, the own chunk `cur`, and `cur - 1` when `force_prev`. Free picks: the top
-    `num_chunks - 3` scores among chunks 1..cur-2 (1..cur-1 when the previous chunk is not
-    forced), via `lax.top_k` (on the CPU the same picks from `lh_jax._native.top_k_picks`, a
-    threaded kernel that also returns them in index order: XLA:CPU's top_k runs on one thread).
-    Returns (idx [..., num_chunks] int32 ascending, valid [..., num_chunks] bool); unused slots
-    hold C (they sort last) and are not valid.
-    """
-    C = scores.shape[-1]
-    cur = jnp.asarray(cur, jnp.int32)
-    force_prev = jnp.broadcast_to(jnp.asarray(force_prev, bool), cur.shape)
-    n_free = num_chunks - 3
-    c = jnp.arange(C, dtype=jnp.int32)
-    cur_b, fp_b = cur[..., None], force_prev[..., None]
-    hi = jnp.where(fp_b, cur_b - 2, cur_b - 1)
-    candidate = (c >= 1) & (c <= hi)
-    k = max(0, min(n_free, C))
-    if k:  # free picks: ascending, C after the valid ones (all lie in 1..hi)
-        free = _native.top_k_picks(jnp.where(candidate, scores.astype(jnp.float32), NEG_INF), k)
-    else:
-        free = jnp.zeros(cur.shape + (0,), jnp.int32)
-    # The forced chunks bracket the free picks: 0 below them, cur - 1 (when forced) and cur above,
-    # so the sorted selection is [0, free picks..., cur - 1, cur, C...] with no sort.
-    fp_ok = force_prev & (cur >= 2)
-    cur_v = jnp.where(cur >= 1, cur, C)
-    e1 = jnp.where(fp_ok, cur - 1, cur_v)[..., None]
-    e2 = jnp.where(fp_ok, cur_v, C)[..., None]
-    n_valid = jnp.sum(free < C, axis=-1, dtype=jnp.int32)[..., None]
-    lead = free.shape[:-1]
-    base = jnp.concatenate([jnp.zeros(lead + (1,), jnp.int32), free, jnp.full(lead + (2,), C, jnp.int32)], axis=-1)
-    s = jnp.arange(k + 3, dtype=jnp.int32)
-    idx = jnp.where(s == n_valid + 1, e1, jnp.where(s == n_valid + 2, e2, base))
-    if idx.shape[-1] < num_chunks:  # fewer chunks exist than slots
-        fill = jnp.full(idx.shape[:-1] + (num_chunks - idx.shape[-1],), C, jnp.int32)
-        idx = jnp.concatenate([idx, fill], axis=-1)
-    return idx, idx < C
 
 
-def select_recent(scores, cur, num_chunks: int, force_prev=True):
-    """Baseline selector (a chunk-level sliding window, StreamingLLM-style): chunk 0 as the
-    attention sink plus the most recent chunks up to the own one, ignoring the scores.
-    Same signature and output convention as `select_chunks`."""
-    C = scores.shape[-1]
-    cur = jnp.asarray(cur, jnp.int32)[..., None]
-    slots = jnp.arange(num_chunks, dtype=jnp.int32)
-    recent = cur - (num_chunks - 2) + slots[:-1]  # num_chunks - 1 most recent chunks
-    ok = recent >= 1
-    idx = jnp.concatenate([jnp.zeros_like(cur), jnp.where(ok, recent, C)], axis=-1)
-    idx = jnp.sort(idx, axis=-1)
-    return idx, idx < C
+def build_in_blocks(representation, q_BCtHD, k_BCtKD, v_BCtKD, valid_BCt, block_tokens: int = 4096):
+    """`representation.build` over whole chunks of about `block_tokens` tokens at a time (lax.map),
+    so that a representation with per-chunk intermediates (the paper's in-chunk [l x l] attention)
+    never holds them for every chunk at once. Returns [B, R, C, X]."""
+    B, C, l = q_BCtHD.shape[:3]
+    per_block = min(C, max(1, block_tokens // l))
+    n_blocks = -(-C // per_block)
+    if n_blocks == 1:
+        return representation.build(q_BCtHD, k_BCtKD, v_BCtKD, valid_BCt)
 
+    def blocks(x):  # padding chunks are all-invalid and dropped at the end
+        x = jnp.pad(x, ((0, 0), (0, n_blocks * per_block - C)) + ((0, 0),) * (x.ndim - 2))
+        return x.reshape((B, n_blocks, per_block) + x.shape[2:]).swapaxes(0, 1)
 
-SELECTORS = {"topk": select_chunks, "recent": select_recent}
-
-
-# --- position schemes -------------------------------------------------------------------------
-
-def remap_positions(slot, chunk, cur, num_selected, offset, chunk_size):
-    """Contiguous remapping (the paper): the selected chunks, in order, sit at positions
-    0..P; returns the query-to-chunk-start distance for a chunk in slot `slot`."""
-    return (num_selected - 1 - slot) * chunk_size + offset
-
-
-def original_positions(slot, chunk, cur, num_selected, offset, chunk_size):
-    """Ablation: every key keeps its true position (distances can exceed the trained length)."""
-    return (cur - chunk) * chunk_size + offset
-
-
-POSITION_SCHEMES = {"remap": remap_positions, "original": original_positions}
+    out = jax.lax.map(lambda a: representation.build(*a),
+                      (blocks(q_BCtHD), blocks(k_BCtKD), blocks(v_BCtKD), blocks(valid_BCt)))  # n B R c X
+    R, X = out.shape[2], out.shape[4]
+    return out.transpose(1, 2, 0, 3, 4).reshape(B, R, n_blocks * per_block, X)[:, :, :C]

@@ -1,0 +1,225 @@
+"""LongHeads' settings, its kernel knobs and its cache layout: the object users pass as `attention=`.
+
+Axis legend: B batch, H query heads, K kv heads, C chunks, l tokens per chunk (chunk_size),
+S cache slots (positions), R representation heads, X representation width, D head_dim.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from lh_jax.longheads.representations import representation_from_name
+from lh_jax.longheads.selection import POSITION_SCHEMES, SELECTORS
+from lh_jax.models.attention import AttentionContext
+from lh_jax.models.config import ModelConfig
+
+
+def _check_positive(owner: str, name: str, value, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        kind = "a positive integer or None" if optional else "a positive integer"
+        raise ValueError(f"{owner}: {name} must be {kind}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Dispatch:
+    """Tuning knobs of the dispatch prefill kernel (lh_jax/longheads/dispatch.py). They change the
+    tiling, not the result (up to float rounding).
+
+    tile_rows: (query head, query) rows per tile; a tile is one [tile_rows x chunk_size] matmul.
+    selection_segments: the selection pass runs the query blocks in this many groups, each scoring
+      only the chunks its last block can see (None: 4 from 128 chunks on, else 1; each group is
+      compiled separately).
+    """
+
+    tile_rows: int = 2048
+    selection_segments: int | None = None
+
+    def __post_init__(self):
+        _check_positive("Dispatch", "tile_rows", self.tile_rows)
+        _check_positive("Dispatch", "selection_segments", self.selection_segments, optional=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class LongHeads:
+    """LongHeads attention; pass it as `attention=` to `lh_jax.forward`, `generate`, `prefill`,
+    `decode_step`.
+
+    The paper's method (Lu et al. 2024) is `LongHeads()`: every head picks, for every query,
+    `num_chunks` chunks of `chunk_size` tokens (chunk 0, the previous and own chunk, plus the
+    best-scoring ones) and attends to them at contiguous positions, so no distance reaches the
+    window `chunk_size * num_chunks`. The first `dense_length` tokens (default: the window) use
+    ordinary causal attention.
+
+    chunk_repr: how a chunk is summarised and scored: "attn" (the paper), "mean", "bounds" (Quest),
+      "<base>-parts[:P]", "best-key", or an object (see `representations`).
+    selector: "topk" (the paper), "recent" (a sliding-window baseline) or a function like
+      `selection.select_chunks`.
+    positions: "remap" (the paper), "original" (ablation) or a function like
+      `selection.remap_positions`.
+    selection: "head" (each query head selects) or "group" (one selection per kv head).
+    reference: reproduce the authors' released code, defects included (README, "reference mode").
+    kernel: the prefill kernel's knobs (`Dispatch`); speed only.
+    record_selection: also return the selected chunks as per-layer aux output (diagnostics).
+    """
+
+    chunk_size: int = 256
+    num_chunks: int = 16
+    dense_length: int | None = None
+    chunk_repr: Any = "attn"
+    selector: Any = "topk"
+    positions: Any = "remap"
+    selection: str = "head"
+    reference: bool = False
+    kernel: Dispatch = Dispatch()
+    record_selection: bool = False
+
+    def __post_init__(self):
+        _check_positive("LongHeads", "chunk_size", self.chunk_size)
+        _check_positive("LongHeads", "num_chunks", self.num_chunks)
+        if self.num_chunks < 3:
+            raise ValueError(f"LongHeads: num_chunks={self.num_chunks} is too small to hold the 3 forced "
+                             "chunks (first, previous, current); use num_chunks >= 3")
+        if self.dense_length is None:
+            object.__setattr__(self, "dense_length", self.window)
+        if not isinstance(self.dense_length, int) or isinstance(self.dense_length, bool) or self.dense_length < 0:
+            raise ValueError(f"LongHeads: dense_length must be a non-negative integer, got {self.dense_length!r}")
+        if isinstance(self.chunk_repr, str):
+            try:
+                representation_from_name(self.chunk_repr, self.chunk_size)
+            except ValueError as e:
+                raise ValueError(f"LongHeads: {e}") from None
+        if hasattr(self.representation, "check"):
+            self.representation.check(self.chunk_size)
+        if isinstance(self.positions, str) and self.positions not in POSITION_SCHEMES:
+            raise ValueError(f"LongHeads: unknown positions scheme {self.positions!r}; choose one of "
+                             f"{sorted(POSITION_SCHEMES)} or pass a function")
+        if isinstance(self.selector, str) and self.selector not in SELECTORS:
+            raise ValueError(f"LongHeads: unknown selector {self.selector!r}; choose one of {sorted(SELECTORS)} "
+                             "or pass a function")
+        if self.selection not in ("head", "group"):
+            raise ValueError(f"LongHeads: unknown selection {self.selection!r}; choose 'head' or 'group'")
+        if not isinstance(self.kernel, Dispatch):
+            raise ValueError(f"LongHeads: kernel must be a lh_jax.longheads.Dispatch(...) of kernel knobs, "
+                             f"got {self.kernel!r}")
+        if self.reference:
+            self._check_reference()
+
+    def _check_reference(self) -> None:
+        if self.dense_length % self.chunk_size:
+            raise ValueError(f"LongHeads(reference=True): dense_length={self.dense_length} must be a multiple "
+                             f"of chunk_size={self.chunk_size} (the released code cannot run otherwise)")
+        if self.dense_length < (self.num_chunks - 1) * self.chunk_size:
+            raise ValueError(f"LongHeads(reference=True): dense_length={self.dense_length} must be at least "
+                             f"(num_chunks - 1) * chunk_size = {(self.num_chunks - 1) * self.chunk_size}; below "
+                             "that the released code selects masked future chunks")
+        if (self.chunk_repr != "attn" or self.positions != "remap" or self.selection != "head"
+                or self.selector != "topk"):
+            raise ValueError("LongHeads(reference=True) reproduces the released code: use the default "
+                             "chunk_repr='attn', positions='remap', selection='head', selector='topk'")
+
+    @classmethod
+    def recommended(cls, **overrides) -> "LongHeads":
+        """This project's setting for retrieval beyond the trained length (a 4096-token window), as
+        opposed to `LongHeads()`, the paper's. See README, "Which setting"."""
+        return cls(**{"chunk_size": 128, "num_chunks": 32, "chunk_repr": "best-key", **overrides})
+
+    # --- derived settings ------------------------------------------------------------------------
+
+    @property
+    def window(self) -> int:
+        """Tokens a head attends to per query at most (chunk_size * num_chunks)."""
+        return self.chunk_size * self.num_chunks
+
+    @property
+    def representation(self):
+        """The chunk representation object (build/score/width)."""
+        if isinstance(self.chunk_repr, str):
+            return representation_from_name(self.chunk_repr, self.chunk_size)
+        return self.chunk_repr
+
+    @property
+    def selector_fn(self) -> Callable:
+        return SELECTORS[self.selector] if isinstance(self.selector, str) else self.selector
+
+    @property
+    def position_fn(self) -> Callable:
+        return POSITION_SCHEMES[self.positions] if isinstance(self.positions, str) else self.positions
+
+    # --- checks before compiling -------------------------------------------------------------------
+
+    supports_continued_prefill = False
+
+    def validate(self, config: ModelConfig) -> None:
+        if self.window > config.trained_length:
+            warnings.warn(f"LongHeads window chunk_size*num_chunks={self.window} exceeds the model's trained "
+                          f"length {config.trained_length}: attended distances leave the trained range, "
+                          "which defeats the purpose", stacklevel=3)
+
+    def check_generation(self, prompt_length: int, max_new_tokens: int) -> None:
+        """Reference mode raises where the released code raises (defect 2 in README)."""
+        if not self.reference:
+            return
+        chunk, dense = self.chunk_size, self.dense_length
+        end = prompt_length + max_new_tokens
+        cached = max(0, -(-prompt_length // chunk) - 1)  # summaries the released code holds
+        if prompt_length > 1 and prompt_length < dense <= end and cached > 0 and dense // chunk > cached + 1:
+            raise ValueError(
+                f"LongHeads(reference=True): a {prompt_length}-token prompt continued past dense_length={dense} "
+                f"fails in the released code (its chunk summaries are not kept up to date in the dense phase: "
+                f"it holds {cached}, needs {dense // chunk}); use reference=False, which keeps them up to date")
+
+    # --- cache layout ------------------------------------------------------------------------------
+
+    def init_cache(self, config: ModelConfig, batch: int, capacity: int, dtype) -> dict:
+        """One layer's cache, indexed by token position (so left-padded rows keep their chunk
+        boundaries): keys rotated by their in-chunk offset "k" [B, K, S, D], values "v"
+        [B, K, S, D], chunk representations "reps" [B, R, C, X] float32, and the queries of the
+        chunk being filled "qbuf" [B, H, l, D] (empty when the representation needs none)."""
+        slots = -(-capacity // self.chunk_size) * self.chunk_size
+        R, X = self.representation.width(config.num_heads, config.num_kv_heads, config.head_dim)
+        K, D, H, l = config.num_kv_heads, config.head_dim, config.num_heads, self.chunk_size
+        return {"k": jnp.zeros((batch, K, slots, D), dtype), "v": jnp.zeros((batch, K, slots, D), dtype),
+                "reps": jnp.zeros((batch, R, slots // l, X), jnp.float32),
+                "qbuf": jnp.zeros((batch, H, l if self.representation.needs_queries else 0, D), dtype)}
+
+    def write_cache(self, cache, writes, ctx: AttentionContext):
+        """Apply one call's writes to a stacked cache (leading layer axis): a prefill's whole arrays
+        from position 0, or a decode step's one position per row."""
+        if "pos" not in writes:
+            out = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], writes[name].astype(cache[name].dtype),
+                                                              0, axis=3)
+                   for name in ("k", "v", "reps")}
+            out["qbuf"] = writes["qbuf"].astype(cache["qbuf"].dtype)
+            return out
+        pos = writes["pos"][0]  # [B] (the same in every layer)
+
+        def put(stacked, new, index_B):
+            one = lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=1)
+            return jax.vmap(jax.vmap(one, in_axes=(0, 0, 0)), in_axes=(0, 0, None))(stacked, new, index_B)
+
+        out = {"k": put(cache["k"], writes["k"].astype(cache["k"].dtype), pos),
+               "v": put(cache["v"], writes["v"].astype(cache["v"].dtype), pos),
+               "reps": put(cache["reps"], writes["reps"], pos // self.chunk_size),
+               "qbuf": cache["qbuf"]}
+        if cache["qbuf"].shape[3]:
+            out["qbuf"] = put(cache["qbuf"], writes["q"].astype(cache["qbuf"].dtype), pos % self.chunk_size)
+        return out
+
+    # --- the attention function --------------------------------------------------------------------
+
+    def __call__(self, q, k, v, *, config: ModelConfig, rope, ctx: AttentionContext, cache):
+        from lh_jax.longheads import decode, prefill
+        if q.shape[1] == 1 and cache is not None:
+            return decode.decode_step(self, q, k, v, rope, ctx, cache)
+        return prefill.prefill(self, q, k, v, rope, ctx, with_cache=cache is not None)
+
+
+def sliding_window(chunk_size: int = 256, num_chunks: int = 16, dense_length: int | None = None) -> LongHeads:
+    """Baseline with the same window: chunk 0 as a sink plus the most recent chunks (no retrieval)."""
+    return LongHeads(chunk_size=chunk_size, num_chunks=num_chunks, dense_length=dense_length, selector="recent")
