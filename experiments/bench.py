@@ -402,23 +402,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def check_args(args) -> None:
-    """Every flag checked before anything runs (SystemExit naming the flag)."""
+    """Every flag checked before anything runs (ValueError naming the flag)."""
     for flag, value in (("--repeats", args.repeats), ("--decode-steps", args.decode_steps)):
         if value < 1:
-            raise SystemExit(f"{flag} must be a positive integer, got {value}")
+            raise ValueError(f"{flag} must be a positive integer, got {value}")
     try:
         parse_lengths(args.lengths)
     except ValueError as e:
-        raise SystemExit(f"--lengths: {e}") from None
+        raise ValueError(f"--lengths: {e}") from None
     if str(args.full_up_to).lower() != "all":
         try:
             parse_lengths(args.full_up_to)
         except ValueError:
-            raise SystemExit(f"--full-up-to: expected a length like 16k or 'all', got {args.full_up_to!r}") from None
+            raise ValueError(f"--full-up-to: expected a length like 16k or 'all', got {args.full_up_to!r}") from None
     dtypes = [d.strip() for d in str(args.torch_dtypes).split(",") if d.strip()]
     bad = [d for d in dtypes if d not in ("float32", "bfloat16")]
     if bad or not dtypes:
-        raise SystemExit(f"--torch-dtypes: expected float32 and/or bfloat16, got {args.torch_dtypes!r}")
+        raise ValueError(f"--torch-dtypes: expected float32 and/or bfloat16, got {args.torch_dtypes!r}")
     args.torch_dtypes = dtypes
 
 

@@ -1,4 +1,8 @@
-"""The `lh-jax` console script: generate, convert, bench, passkey."""
+"""The `lh-jax` console script: generate, convert, and the experiment commands (bench, passkey, ...).
+
+Argument and input errors print one line naming the problem on stderr and exit with code 2; a
+command whose cells failed exits with code 1.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,8 +10,33 @@ import os
 import sys
 import time
 
-
 from lh_jax.methods import add_method_arguments
+
+#: What a bad argument or input raises (ValueError covers lh-jax's own checks and ConfigError).
+INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `lh-jax <command>: error: <message>`, exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def read_prompt(args) -> str:
+    """--prompt, or --prompt-file (a path, or '-' for standard input)."""
+    if args.prompt_file is None:
+        return args.prompt
+    if args.prompt_file == "-":
+        text = sys.stdin.read()
+    else:
+        if not os.path.isfile(args.prompt_file):
+            raise FileNotFoundError(f"--prompt-file {args.prompt_file} does not exist")
+        with open(args.prompt_file, encoding="utf-8") as f:
+            text = f.read()
+    if not text.strip():
+        raise ValueError(f"--prompt-file {args.prompt_file}: the prompt is empty")
+    return text
 
 
 def cmd_generate(args) -> None:
@@ -15,11 +44,17 @@ def cmd_generate(args) -> None:
 
     import lh_jax
     from lh_jax.runtime import cut_at_eos
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    prompt = read_prompt(args)
     t0 = time.perf_counter()
     config, params = lh_jax.load(args.model, dtype=args.dtype)
     tok = lh_jax.load_tokenizer(args.model)
     load_s = time.perf_counter() - t0
-    prompt = args.prompt
     if args.chat:
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)
@@ -27,11 +62,13 @@ def cmd_generate(args) -> None:
     # the method's config too: pi / ntk / yarn (and +ntk etc.) rescale RoPE
     config, attention = args.attention.build(config, ids.shape[1] + args.max_new_tokens)
     t0 = time.perf_counter()
-    out = np.asarray(lh_jax.generate(params, config, ids, args.max_new_tokens, attention=attention))
+    out = np.asarray(lh_jax.generate(params, config, ids, args.max_new_tokens, attention=attention,
+                                     temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                                     stop_at_eos=True))
     gen_s = time.perf_counter() - t0
     new = cut_at_eos(out[0, ids.shape[1]:], config.eos_token_id)
     print(tok.decode(new, skip_special_tokens=True))
-    print(f"[{ids.shape[1]} prompt tokens, {args.max_new_tokens} new, load {load_s:.1f}s, "
+    print(f"[{ids.shape[1]} prompt tokens, {len(new)} new, load {load_s:.1f}s, "
           f"generate {gen_s:.1f}s incl. compile]", file=sys.stderr)
 
 
@@ -56,14 +93,20 @@ EXPERIMENTS = {
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; experiment subcommands are imported only when `command` names them."""
-    p = argparse.ArgumentParser(prog="lh-jax", description="LongHeads in JAX: generation, conversion, "
-                                "benchmarks and long-context evaluations")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = Parser(prog="lh-jax", description="LongHeads in JAX: generation, conversion, benchmarks and "
+               "long-context evaluations")
+    p.add_argument("--version", action="version", version=version_line())
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    g = sub.add_parser("generate", help="greedy generation from a prompt")
-    g.add_argument("--model", default="default", help="HF dir, .gguf, orbax dir, or 'default'")
-    g.add_argument("--prompt", default="The capital of France is")
-    g.add_argument("--max-new-tokens", type=int, default=32)
+    g = sub.add_parser("generate", help="generation from a prompt (greedy, or sampled with --temperature)")
+    g.add_argument("--model", default="default", help="HF dir, .gguf, orbax dir, hub id, or 'default'")
+    source = g.add_mutually_exclusive_group()
+    source.add_argument("--prompt", default="The capital of France is")
+    source.add_argument("--prompt-file", default=None, metavar="FILE", help="read the prompt from FILE ('-': stdin)")
+    g.add_argument("--max-new-tokens", type=int, default=32, help="at most this many tokens (stops at EOS)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the top tokens of this mass")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     add_method_arguments(g)
@@ -140,8 +183,9 @@ def set_cpu_opt_level(environ=None) -> str | None:
     if raw in ("default", "off", "none", ""):
         return None
     if raw not in ("0", "1", "2", "3"):
-        raise SystemExit(f"lh-jax: {CPU_OPT_LEVEL_ENV}={env.get(CPU_OPT_LEVEL_ENV)!r} is not an XLA:CPU "
-                         f"optimisation level: use 0, 1, 2, 3 or 'default'")
+        print(f"lh-jax: error: {CPU_OPT_LEVEL_ENV}={env.get(CPU_OPT_LEVEL_ENV)!r} is not an XLA:CPU "
+              f"optimisation level: use 0, 1, 2, 3 or 'default'", file=sys.stderr)
+        raise SystemExit(2)
     flags = env.get("XLA_FLAGS", "")
     if _OPT_FLAG in flags or _accelerator_possible(env):
         return None
@@ -155,13 +199,30 @@ def set_cpu_opt_level(environ=None) -> str | None:
     return raw
 
 
+def version_line() -> str:
+    import importlib.metadata as md
+    found = []
+    for dist in ("lh-jax", "jax", "jaxlib", "flax"):
+        try:
+            found.append(f"{dist} {md.version(dist)}")
+        except md.PackageNotFoundError:
+            pass
+    return ", ".join(found)
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     set_cpu_opt_level()
     args = build_parser(command).parse_args(argv)
     enable_compile_cache(command)
-    args.func(args)
+    try:
+        args.func(args)
+    except INPUT_ERRORS as e:
+        # bad arguments or inputs: one line naming the problem (the checks run before any long work)
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"lh-jax {args.command}: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -245,23 +245,50 @@ def decode_step(params, config: ModelConfig, token, cache: KVCache, attention=No
     return _decode_jit(params, jnp.asarray(tok), cache, config, attention)
 
 
+def _next_token(logits_BV, key, temperature, top_p):
+    """Greedy when temperature is 0, else a sample from softmax(logits / temperature) restricted to
+    the smallest set of tokens whose probability reaches top_p (nucleus sampling)."""
+    def sample():
+        scaled = logits_BV.astype(jnp.float32) / temperature
+        order = jnp.argsort(-scaled, axis=-1)
+        sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the tokens ranked above
+        pick = jax.random.categorical(key, jnp.where(before < top_p, sorted_logits, -jnp.inf), axis=-1)
+        return jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+    return jax.lax.cond(temperature > 0, sample, lambda: jnp.argmax(logits_BV, axis=-1).astype(jnp.int32))
+
+
 @functools.partial(jax.jit, static_argnames=("config", "attention", "capacity", "steps"))
-def _generate(params, ids, mask, num_new, config, attention, capacity, steps):
+def _generate(params, ids, mask, num_new, config, attention, capacity, steps, key=None, temperature=0.0,
+              top_p=1.0, eos_ids=None):
+    """Prompt then up to `num_new` tokens; with `eos_ids` ([E] int32) the loop stops once every row
+    has produced one of them (later slots hold the first EOS id)."""
     TRACE_COUNTS["generate"] += 1
     B = ids.shape[0]
+    key = jax.random.PRNGKey(0) if key is None else key
     cache = init_cache(config, B, capacity, attention, cache_dtype(params))
     logits, cache = _prefill_impl(params, ids, mask, cache, config, attention)
-    first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    out = jnp.zeros((B, steps), jnp.int32).at[:, 0].set(first)
+    key, sub = jax.random.split(key)
+    first = _next_token(logits, sub, temperature, top_p)
+    is_eos = (lambda t: jnp.zeros(t.shape, bool)) if eos_ids is None else (lambda t: jnp.isin(t, eos_ids))
+    fill = jnp.int32(0) if eos_ids is None else eos_ids[0]
+    out = jnp.full((B, steps), fill, jnp.int32).at[:, 0].set(first)
 
-    def body(i, state):
-        cache, tok, out = state
+    def cond(state):
+        i, _, _, _, done, _ = state
+        return (i < num_new) & ~jnp.all(done)
+
+    def body(state):
+        i, cache, tok, out, done, key = state
         logits, cache = _decode_impl(params, tok, cache, config, attention)
-        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        return cache, tok, out.at[:, i].set(tok)
+        key, sub = jax.random.split(key)
+        tok = jnp.where(done, fill, _next_token(logits, sub, temperature, top_p))
+        return i + 1, cache, tok, out.at[:, i].set(tok), done | is_eos(tok), key
 
-    _, _, out = jax.lax.fori_loop(1, num_new, body, (cache, first, out))
-    return out
+    state = (jnp.int32(1), cache, first, out, is_eos(first), key)
+    return jax.lax.while_loop(cond, body, state)[3]
 
 
 def _round_up(n: int, m: int) -> int:
@@ -269,18 +296,25 @@ def _round_up(n: int, m: int) -> int:
 
 
 def generate(params, config: ModelConfig, input_ids, max_new_tokens: int, attention=None,
-             attention_mask=None, max_cache_length: int | None = None):
-    """Greedy decoding: ids [B, T] -> [B, T + max_new_tokens] (prompt followed by new tokens).
+             attention_mask=None, max_cache_length: int | None = None, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = False):
+    """ids [B, T] -> [B, T + max_new_tokens] (prompt followed by new tokens).
 
-    Prompts are left-padded to a multiple of 64 and the step count to a power of two, so one
-    compilation serves a range of lengths. `max_cache_length` bounds the cache (error if the
-    request does not fit).
+    Greedy by default; `temperature` > 0 samples (with `top_p` < 1: nucleus sampling) from a
+    PRNG key made from `seed`. With `stop_at_eos` the decode loop ends once every row has produced
+    the model's EOS token (the remaining slots then hold EOS). Prompts are left-padded to a multiple
+    of 64 and the step count to a power of two, so one compilation serves a range of lengths.
+    `max_cache_length` bounds the cache (error if the request does not fit).
     """
     attention = resolve_attention(attention)
     ids = check_input_ids(input_ids, config)
     mask = check_attention_mask(attention_mask, ids.shape)
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not (isinstance(temperature, (int, float)) and temperature >= 0):
+        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     attention.validate(config)
     B, T = ids.shape
     if hasattr(attention, "check_generation"):
@@ -288,14 +322,18 @@ def generate(params, config: ModelConfig, input_ids, max_new_tokens: int, attent
     if max_cache_length is not None and T + max_new_tokens > max_cache_length:
         raise CacheCapacityError(f"prompt of {T} tokens + max_new_tokens={max_new_tokens} exceeds "
                                  f"max_cache_length={max_cache_length}")
+    eos = config.eos_token_id
+    eos_ids = None
+    if stop_at_eos and eos is not None:
+        eos_ids = jnp.asarray(eos if isinstance(eos, (tuple, list)) else [eos], jnp.int32)
     T_pad = _round_up(T, PROMPT_BUCKET)
     steps = max(16, 1 << (int(max_new_tokens) - 1).bit_length())
     capacity = T_pad + steps
     ids_p = np.zeros((B, T_pad), np.int32)
     mask_p = np.zeros((B, T_pad), bool)
     ids_p[:, T_pad - T:], mask_p[:, T_pad - T:] = ids, mask
-    new = _generate(params, jnp.asarray(ids_p), jnp.asarray(mask_p), jnp.int32(max_new_tokens),
-                    config, attention, capacity, steps)
+    new = _generate(params, jnp.asarray(ids_p), jnp.asarray(mask_p), jnp.int32(max_new_tokens), config, attention,
+                    capacity, steps, jax.random.PRNGKey(seed), jnp.float32(temperature), jnp.float32(top_p), eos_ids)
     return jnp.concatenate([jnp.asarray(ids), new[:, :max_new_tokens]], axis=1)
 
 

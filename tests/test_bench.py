@@ -81,7 +81,7 @@ def test_a_failed_cell_is_an_error_row_and_a_nonzero_exit(model, tmp_path, capsy
                                         (["--full-up-to", "lots"], "--full-up-to"),
                                         (["--lengths", "4q"], "--lengths"), (["--repeats", "0"], "--repeats")])
 def test_bad_arguments_fail_before_anything_runs(argv, match):
-    with pytest.raises(SystemExit, match=match):
+    with pytest.raises(ValueError, match=match):
         bench.cli_main(_args(argv))
 
 
