@@ -104,26 +104,33 @@ def context(mask_BT, start, pad_before=0) -> AttentionContext:
                             pad=pad)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "attention", "return_aux"))
-def _forward(params, ids, mask, config, attention, return_aux):
+@functools.partial(jax.jit, static_argnames=("config", "attention", "return_aux", "logits_to_keep"))
+def _forward(params, ids, mask, config, attention, return_aux, logits_to_keep=None):
     TRACE_COUNTS["forward"] += 1
     model = Transformer(config, attention, params_dtype(params))
-    logits, _, aux = model.apply({"params": params}, ids, context(mask, 0), None)
+    logits, _, aux = model.apply({"params": params}, ids, context(mask, 0), None, logits_to_keep=logits_to_keep)
     return (logits, aux) if return_aux else logits
 
 
 def forward(params, config: ModelConfig, input_ids, attention=None, attention_mask=None,
-            return_aux: bool = False):
+            return_aux: bool = False, logits_to_keep: int | None = None):
     """Logits [B, T, V] float32 for int ids [B, T] (full causal attention when attention is None).
 
-    `attention_mask` [B, T] marks left padding; with `return_aux` also returns the attention's
-    per-layer diagnostics (e.g. LongHeads' selected chunks), stacked on a leading layer axis.
+    `logits_to_keep=k` returns only the last k positions' logits [B, k, V] (a long prompt then
+    never holds [B, T, V]: 16 GB at 32k tokens and a 128k vocabulary). `attention_mask` [B, T]
+    marks left padding; with `return_aux` also returns the attention's per-layer diagnostics (e.g.
+    LongHeads' selected chunks), stacked on a leading layer axis.
     """
     attention = resolve_attention(attention)
     ids = check_input_ids(input_ids, config)
     mask = check_attention_mask(attention_mask, ids.shape)
+    if logits_to_keep is not None and (not isinstance(logits_to_keep, (int, np.integer)) or
+                                       not 1 <= logits_to_keep <= ids.shape[1]):
+        raise ValueError(f"logits_to_keep must be an integer in 1..{ids.shape[1]} (the tokens per row), "
+                         f"got {logits_to_keep!r}")
     attention.validate(config)
-    return _forward(params, jnp.asarray(ids), jnp.asarray(mask), config, attention, return_aux)
+    return _forward(params, jnp.asarray(ids), jnp.asarray(mask), config, attention, return_aux,
+                    None if logits_to_keep is None else int(logits_to_keep))
 
 
 #: Tokens per block of the LM head in `token_logprobs` ([B, block, V] float32 logits at a time).
@@ -190,7 +197,7 @@ def init_cache(config: ModelConfig, batch: int, capacity: int, attention=None, d
 def _prefill_impl(params, ids, mask, cache: KVCache, config, attention):
     ctx = context(mask, cache.index, cache.pad)
     model = Transformer(config, attention, params_dtype(params))
-    logits, layers, _ = model.apply({"params": params}, ids, ctx, cache.layers, last_only=True)
+    logits, layers, _ = model.apply({"params": params}, ids, ctx, cache.layers, logits_to_keep=1)
     cache = cache.replace(layers=layers, index=cache.index + ids.shape[1], pad=ctx.pad)
     return logits[:, -1], cache
 

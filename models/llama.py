@@ -83,7 +83,7 @@ class DecoderLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    """ids [B, T] -> logits [B, T', V] float32 (T' = T, or 1 with `last_only`), new cache, aux.
+    """ids [B, T] -> logits [B, T', V] float32 (T' = T, or the last `logits_to_keep`), new cache, aux.
 
     With `hidden_only` the first output is the final-normed hidden state [B, T', E] instead of the
     logits (the caller applies the LM head, e.g. in blocks of tokens; see `lm_head_weight`).
@@ -94,7 +94,7 @@ class Transformer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, ids_BT, ctx: AttentionContext, cache=None, last_only: bool = False,
+    def __call__(self, ids_BT, ctx: AttentionContext, cache=None, logits_to_keep: int | None = None,
                  hidden_only: bool = False):
         cfg = self.config
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
@@ -140,8 +140,8 @@ class Transformer(nn.Module):
             x, (writes, aux) = jax.lax.scan(body, x, (stacked, cache))
             if cache is not None:
                 cache = self.attention.write_cache(cache, writes, ctx)
-        if last_only:
-            x = x[:, -1:]
+        if logits_to_keep is not None:
+            x = x[:, -logits_to_keep:]
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, name="final_norm")(x)
         if hidden_only:
             return x, cache, aux

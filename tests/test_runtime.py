@@ -176,3 +176,21 @@ def test_decode_step_traces_once(tiny):
     for t in range(5):
         _, cache = lh_jax.decode_step(m.params, m.config, np.array([t, t, t]), cache)
     assert runtime.TRACE_COUNTS["decode_step"] == before
+
+
+# --- logits_to_keep -------------------------------------------------------------------------------
+
+def test_logits_to_keep_returns_the_last_positions_only(tiny):
+    m = tiny("llama_gqa2_tied")
+    ids = random_ids((2, 70), seed=31)
+    full = np.asarray(lh_jax.forward(m.params, m.config, ids))
+    kept = lh_jax.forward(m.params, m.config, ids, logits_to_keep=3)
+    assert kept.shape == (2, 3, m.config.vocab_size)
+    np.testing.assert_allclose(np.asarray(kept), full[:, -3:], atol=1e-6)
+    lh = lh_jax.LongHeads(16, 4)
+    kept, aux = lh_jax.forward(m.params, m.config, ids, attention=lh, logits_to_keep=1, return_aux=True)
+    np.testing.assert_allclose(np.asarray(kept)[:, 0], np.asarray(lh_jax.forward(m.params, m.config, ids, lh))[:, -1],
+                               atol=1e-6)
+    for bad in (0, 71, 2.0):
+        with pytest.raises(ValueError, match="logits_to_keep"):
+            lh_jax.forward(m.params, m.config, ids, logits_to_keep=bad)
