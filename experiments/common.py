@@ -164,7 +164,14 @@ def load_model(args):
 
 
 def matplotlib_pyplot():
-    import matplotlib
+    """matplotlib.pyplot on the Agg backend, or None (with a note) when matplotlib is not installed:
+    the plots are optional (`pip install lh-jax[experiments]`), the tables and JSON are not."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("[lh-jax] no plot written: matplotlib is not installed (pip install 'lh-jax[experiments]')",
+              file=sys.stderr)
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt

@@ -398,6 +398,8 @@ def format_markdown(plan: Plan, rows: list[dict], meta: dict, info: dict) -> str
 def plot(plan: Plan, rows: list[dict], path: str) -> None:
     from lh_jax.experiments.common import matplotlib_pyplot
     plt = matplotlib_pyplot()
+    if plt is None:
+        return
     get = _lookup(rows)
     panels = []
     for task in plan.tasks:

@@ -402,6 +402,8 @@ def results_table(rows: list[dict], labels: list[str]) -> str:
 def plot(rows: list[dict], labels: list[str], tasks: list[str], path: str) -> None:
     from lh_jax.experiments.common import matplotlib_pyplot
     plt = matplotlib_pyplot()
+    if plt is None:
+        return
     fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for label in labels:

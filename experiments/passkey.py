@@ -305,6 +305,8 @@ def heatmap(rows: list[dict], path: str, title: str = "") -> None:
     """One length x depth accuracy heatmap per method, annotated with the accuracy of each cell."""
     from lh_jax.experiments.common import matplotlib_pyplot
     plt = matplotlib_pyplot()
+    if plt is None:
+        return
     groups = by_method(rows)
     fig, axes = plt.subplots(1, len(groups), figsize=(1.2 + 0.9 * max(3, len({r['depth'] for r in rows}))
                                                        * len(groups), 1.4 + 0.55 * len({r['length'] for r in rows})),

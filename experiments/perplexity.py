@@ -269,6 +269,8 @@ def format_tables(rows: list[dict], bucket: int, reference_context: int | None, 
 def plot(rows: list[dict], path: str, reference_context: int | None) -> None:
     from lh_jax.experiments.common import matplotlib_pyplot
     plt = matplotlib_pyplot()
+    if plt is None:
+        return
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     lengths = sorted({r["length"] for r in rows})
     fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 4), sharey=True, squeeze=False)

@@ -357,6 +357,8 @@ def accuracy_table(rows: list[dict], task: ToyTask | None = None) -> str:
 def plot(rows: list[dict], path: str, trained_length: int, chance: float) -> None:
     from lh_jax.experiments.common import matplotlib_pyplot
     plt = matplotlib_pyplot()
+    if plt is None:
+        return
     fig, ax = plt.subplots(figsize=(6, 4))
     styles = [("o", "-"), ("s", "--"), ("^", "-."), ("v", ":"), ("D", "-"), ("x", "--")]
     for i, m in enumerate(dict.fromkeys(r["method"] for r in rows)):

