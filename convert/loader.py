@@ -269,6 +269,10 @@ def gguf_config(src: GGUFSource) -> ModelConfig:
             rope_kwargs["original_max_position_embeddings"] = int(orig)
     elif scaling not in (None, "none"):
         raise ConfigError(f"{src.files[0]}: unsupported GGUF RoPE scaling {scaling!r}")
+    if "rope_freqs.weight" in src:  # Llama 3.x: the RoPE scaling as per-frequency divisors
+        if scaling not in (None, "none"):
+            raise ConfigError(f"{src.files[0]}: both rope_freqs and RoPE scaling {scaling!r}; which applies is unclear")
+        rope_kwargs["freq_factors"] = tuple(float(f) for f in np.asarray(src.get("rope_freqs.weight")).reshape(-1))
     eos = src.field("tokenizer.ggml.eos_token_id")
     bos = src.field("tokenizer.ggml.bos_token_id")
     return ModelConfig(

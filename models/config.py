@@ -30,8 +30,18 @@ class RopeConfig:
     mscale: float | None = None  # yarn
     mscale_all_dim: float | None = None  # yarn
     truncate: bool = True  # yarn
+    # per-frequency divisors of the inverse frequencies: llama.cpp's `rope_freqs` tensor, the way
+    # GGUF files carry Llama-3 RoPE scaling (inv_freq[i] / freq_factors[i]); with rope_type "default"
+    freq_factors: tuple[float, ...] | None = None
 
     def __post_init__(self):
+        if self.freq_factors is not None:
+            object.__setattr__(self, "freq_factors", tuple(float(f) for f in self.freq_factors))
+            if self.rope_type != "default":
+                raise ConfigError(f"RoPE freq_factors (GGUF rope_freqs) combine only with rope_type 'default', "
+                                  f"not {self.rope_type!r}")
+            if not all(f > 0 for f in self.freq_factors):
+                raise ConfigError("RoPE freq_factors must all be positive")
         if self.rope_type not in ROPE_TYPES:
             raise ConfigError(
                 f"unsupported RoPE type {self.rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
@@ -78,6 +88,9 @@ class ModelConfig:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(f"unsupported model_type {self.model_type!r}; supported: "
                               f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+        if self.rope.freq_factors is not None and len(self.rope.freq_factors) != self.head_dim // 2:
+            raise ConfigError(f"RoPE freq_factors has {len(self.rope.freq_factors)} entries; head_dim "
+                              f"{self.head_dim} needs {self.head_dim // 2}")
 
     @property
     def group_size(self) -> int:

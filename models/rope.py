@@ -75,6 +75,8 @@ class Rope:
     def static_inv_freq(self) -> tuple[np.ndarray, float]:
         """inv_freq [D/2] and the cos/sin scaling for the position-independent RoPE types."""
         r, d = self.rope, self.head_dim
+        if r.freq_factors is not None:
+            return (_base_inv_freq(r.theta, d) / np.asarray(r.freq_factors, np.float32)).astype(np.float32), 1.0
         if r.rope_type in ("default", "dynamic"):
             return _base_inv_freq(r.theta, d), 1.0
         if r.rope_type == "linear":
