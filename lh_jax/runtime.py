@@ -32,6 +32,113 @@ class CacheCapacityError(ValueError):
     """Generation would write past the end of the KV cache."""
 
 
+class InsufficientMemoryError(ValueError):
+    """A request that cannot fit in this machine's memory (raised before any work)."""
+
+
+#: Prompts of at least this many tokens show per-layer progress on stderr ($LH_JAX_PROGRESS=off: never).
+PROGRESS_FROM = 32768
+
+
+class _LayerProgress:
+    """Host-side progress of a long multi-token pass, one tick per layer (a jax.debug.callback)."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, layer, layers):
+        from tqdm.auto import tqdm
+        layer, layers = int(layer), int(layers)
+        if layer == 0 or self.bar is None:
+            if self.bar is not None:
+                self.bar.close()
+            self.bar = tqdm(total=layers, desc="layers", leave=False, dynamic_ncols=True)
+        self.bar.update(1)
+        if layer == layers - 1:
+            self.bar.close()
+            self.bar = None
+
+
+_show_layer = _LayerProgress()
+
+
+def _progress_wanted(progress, tokens: int) -> bool:
+    if progress is not None:
+        return bool(progress)
+    import os
+    if os.environ.get("LH_JAX_PROGRESS", "").strip().lower() in ("off", "0", "false", "no"):
+        return False
+    return tokens >= PROGRESS_FROM
+
+
+def _tree_bytes(tree) -> int:
+    return int(sum(np.prod(x.shape, dtype=np.int64) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def memory_estimate(config: ModelConfig, attention, batch: int, tokens: int, kv_dtype=jnp.float32,
+                    capacity: int | None = None) -> dict:
+    """Bytes a prefill of [batch, tokens] needs beyond the params: the cache (`capacity` slots, None: no
+    cache) and the largest layer's working set (activations, attention intermediates), estimated per
+    token from the model's widths (see docs/results.md for the measurements it was checked against)."""
+    attention = resolve_attention(attention)
+    cache = 0
+    if capacity is not None:
+        one = jax.eval_shape(lambda: attention.init_cache(config, batch, capacity, kv_dtype))
+        cache = _tree_bytes(one) * config.num_layers
+    c = config
+    per_token = 4 * (8 * c.hidden_size + 3 * c.intermediate_size + 6 * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim)
+    if getattr(attention, "num_chunks", None):  # LongHeads: the dispatch plan, per (query head, slot)
+        per_token += 4 * 8 * c.num_heads * attention.num_chunks
+    return {"cache": cache, "activations": int(per_token) * batch * tokens}
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate on the CPU backend (None elsewhere: not checked)."""
+    if jax.default_backend() != "cpu":
+        return None
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
+
+
+def check_memory(config: ModelConfig, attention, batch: int, tokens: int, kv_dtype, capacity: int | None) -> None:
+    """Raise InsufficientMemoryError, before any work, when the estimate exceeds the available memory."""
+    avail = available_memory()
+    if avail is None:
+        return
+    need = memory_estimate(config, attention, batch, tokens, kv_dtype, capacity)
+    if sum(need.values()) > avail:
+        gib = lambda b: f"{b / 2 ** 30:.1f} GiB" if b >= 2 ** 30 else f"{b / 2 ** 20:.1f} MiB"
+        raise InsufficientMemoryError(
+            f"{batch} x {tokens} tokens need about {gib(sum(need.values()))} (cache {gib(need['cache'])} in "
+            f"{jnp.dtype(kv_dtype).name}, working set {gib(need['activations'])}) but {gib(avail)} are available: "
+            "use a shorter prompt or a smaller batch, a bfloat16 cache (cache_dtype=jnp.bfloat16), or more memory")
+
+
+def choose_cache_dtype(config: ModelConfig, attention, params, batch: int, tokens: int, capacity: int,
+                       requested=None):
+    """The cache dtype of a generation: `requested`, else `cache_dtype(params)`, else bfloat16 when
+    only bfloat16 fits (LongHeads only: its decode reads a fixed number of chunks, so a bfloat16
+    cache costs no whole-cache conversion per step); checked against the available memory."""
+    import warnings
+    if requested is not None:
+        dt = jnp.dtype(requested)
+    else:
+        dt = cache_dtype(params)
+        if dt != jnp.bfloat16 and getattr(attention, "num_chunks", None):
+            try:
+                check_memory(config, attention, batch, tokens, dt, capacity)
+            except InsufficientMemoryError:
+                check_memory(config, attention, batch, tokens, jnp.bfloat16, capacity)
+                warnings.warn(f"a {dt.name} cache for {batch} x {tokens} tokens does not fit in memory: using a "
+                              "bfloat16 cache", RuntimeWarning, stacklevel=3)
+                return jnp.dtype(jnp.bfloat16)
+    check_memory(config, attention, batch, tokens, dt, capacity)
+    return dt
+
+
 @struct.dataclass
 class KVCache:
     """The decoding state: per-layer caches stacked on L, next free slot, left padding per row."""
@@ -137,10 +244,10 @@ def forward(params, config: ModelConfig, input_ids, attention=None, attention_ma
 LOGPROB_BLOCK = 512
 
 
-@functools.partial(jax.jit, static_argnames=("config", "attention", "block"))
-def _token_logprobs(params, ids, mask, config, attention, block):
+@functools.partial(jax.jit, static_argnames=("config", "attention", "block", "progress"))
+def _token_logprobs(params, ids, mask, config, attention, block, progress=False):
     TRACE_COUNTS["token_logprobs"] += 1
-    model = Transformer(config, attention, params_dtype(params))
+    model = Transformer(config, attention, params_dtype(params), layer_callback=_show_layer if progress else None)
     hidden, _, _ = model.apply({"params": params}, ids, context(mask, 0), None, hidden_only=True)
     w_EV = lm_head_weight(params, config).astype(hidden.dtype)
     B, T, E = hidden.shape
@@ -164,7 +271,7 @@ def _token_logprobs(params, ids, mask, config, attention, block):
 
 
 def token_logprobs(params, config: ModelConfig, input_ids, attention=None, attention_mask=None,
-                   block: int = LOGPROB_BLOCK):
+                   block: int = LOGPROB_BLOCK, progress: bool | None = None):
     """log p(ids[t+1] | ids[:t+1]) as float32 [B, T-1], without materialising [B, T, V] logits.
 
     The model runs to its final hidden states; the LM head and log-softmax are applied `block`
@@ -181,8 +288,10 @@ def token_logprobs(params, config: ModelConfig, input_ids, attention=None, atten
     if not isinstance(block, (int, np.integer)) or block < 1:
         raise ValueError(f"block must be a positive integer, got {block!r}")
     attention.validate(config)
+    check_memory(config, attention, ids.shape[0], ids.shape[1], jnp.float32, None)
     block = int(min(block, ids.shape[1] - 1))
-    return _token_logprobs(params, jnp.asarray(ids), jnp.asarray(mask), config, attention, block)
+    return _token_logprobs(params, jnp.asarray(ids), jnp.asarray(mask), config, attention, block,
+                           _progress_wanted(progress, ids.shape[1]))
 
 
 def init_cache(config: ModelConfig, batch: int, capacity: int, attention=None, dtype=jnp.float32) -> KVCache:
@@ -194,9 +303,9 @@ def init_cache(config: ModelConfig, batch: int, capacity: int, attention=None, d
                    capacity=capacity)
 
 
-def _prefill_impl(params, ids, mask, cache: KVCache, config, attention):
+def _prefill_impl(params, ids, mask, cache: KVCache, config, attention, progress=False):
     ctx = context(mask, cache.index, cache.pad)
-    model = Transformer(config, attention, params_dtype(params))
+    model = Transformer(config, attention, params_dtype(params), layer_callback=_show_layer if progress else None)
     logits, layers, _ = model.apply({"params": params}, ids, ctx, cache.layers, logits_to_keep=1)
     cache = cache.replace(layers=layers, index=cache.index + ids.shape[1], pad=ctx.pad)
     return logits[:, -1], cache
@@ -213,12 +322,14 @@ def _decode_impl(params, token_B, cache: KVCache, config, attention):
     return logits[:, -1], cache.replace(layers=layers, index=cache.index + 1)
 
 
-_prefill_jit = jax.jit(_prefill_impl, static_argnames=("config", "attention"), donate_argnames=("cache",))
+_prefill_jit = jax.jit(_prefill_impl, static_argnames=("config", "attention", "progress"), donate_argnames=("cache",))
 _decode_jit = jax.jit(_decode_impl, static_argnames=("config", "attention"), donate_argnames=("cache",))
 
 
-def prefill(params, config: ModelConfig, input_ids, cache: KVCache, attention=None, attention_mask=None):
-    """Run the prompt [B, T] into `cache` (donated); returns (last logits [B, V] f32, cache)."""
+def prefill(params, config: ModelConfig, input_ids, cache: KVCache, attention=None, attention_mask=None,
+            progress: bool | None = None):
+    """Run the prompt [B, T] into `cache` (donated); returns (last logits [B, V] f32, cache).
+    `progress`: per-layer progress on stderr (default: from PROGRESS_FROM tokens on)."""
     attention = resolve_attention(attention)
     ids = check_input_ids(input_ids, config)
     mask = check_attention_mask(attention_mask, ids.shape)
@@ -234,7 +345,9 @@ def prefill(params, config: ModelConfig, input_ids, cache: KVCache, attention=No
     if used + ids.shape[1] > cache.capacity:
         raise CacheCapacityError(f"prefill of {ids.shape[1]} tokens after {used} overflows the cache "
                                  f"capacity {cache.capacity}; make the cache larger")
-    return _prefill_jit(params, jnp.asarray(ids), jnp.asarray(mask), cache, config, attention)
+    check_memory(config, attention, ids.shape[0], ids.shape[1], jnp.float32, None)  # the cache exists already
+    return _prefill_jit(params, jnp.asarray(ids), jnp.asarray(mask), cache, config, attention,
+                        _progress_wanted(progress, ids.shape[1]))
 
 
 def decode_step(params, config: ModelConfig, token, cache: KVCache, attention=None, check: bool = True):
@@ -267,16 +380,16 @@ def _next_token(logits_BV, key, temperature, top_p):
     return jax.lax.cond(temperature > 0, sample, lambda: jnp.argmax(logits_BV, axis=-1).astype(jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "attention", "capacity", "steps"))
+@functools.partial(jax.jit, static_argnames=("config", "attention", "capacity", "steps", "kv_dtype", "progress"))
 def _generate(params, ids, mask, num_new, config, attention, capacity, steps, key=None, temperature=0.0,
-              top_p=1.0, eos_ids=None):
+              top_p=1.0, eos_ids=None, kv_dtype=None, progress=False):
     """Prompt then up to `num_new` tokens; with `eos_ids` ([E] int32) the loop stops once every row
     has produced one of them (later slots hold the first EOS id)."""
     TRACE_COUNTS["generate"] += 1
     B = ids.shape[0]
     key = jax.random.PRNGKey(0) if key is None else key
-    cache = init_cache(config, B, capacity, attention, cache_dtype(params))
-    logits, cache = _prefill_impl(params, ids, mask, cache, config, attention)
+    cache = init_cache(config, B, capacity, attention, cache_dtype(params) if kv_dtype is None else kv_dtype)
+    logits, cache = _prefill_impl(params, ids, mask, cache, config, attention, progress)
     key, sub = jax.random.split(key)
     first = _next_token(logits, sub, temperature, top_p)
     is_eos = (lambda t: jnp.zeros(t.shape, bool)) if eos_ids is None else (lambda t: jnp.isin(t, eos_ids))
@@ -304,14 +417,17 @@ def _round_up(n: int, m: int) -> int:
 
 def generate(params, config: ModelConfig, input_ids, max_new_tokens: int, attention=None,
              attention_mask=None, max_cache_length: int | None = None, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = False):
+             top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = False, cache_dtype=None,
+             progress: bool | None = None):
     """ids [B, T] -> [B, T + max_new_tokens] (prompt followed by new tokens).
 
     Greedy by default; `temperature` > 0 samples (with `top_p` < 1: nucleus sampling) from a
     PRNG key made from `seed`. With `stop_at_eos` the decode loop ends once every row has produced
     the model's EOS token (the remaining slots then hold EOS). Prompts are left-padded to a multiple
     of 64 and the step count to a power of two, so one compilation serves a range of lengths.
-    `max_cache_length` bounds the cache (error if the request does not fit).
+    `max_cache_length` bounds the cache (error if the request does not fit). `cache_dtype`: the KV
+    cache's dtype (default: see `choose_cache_dtype`; a request that fits in no dtype fails before
+    any work). `progress`: per-layer progress of the prefill on stderr (default: long prompts).
     """
     attention = resolve_attention(attention)
     ids = check_input_ids(input_ids, config)
@@ -339,8 +455,10 @@ def generate(params, config: ModelConfig, input_ids, max_new_tokens: int, attent
     ids_p = np.zeros((B, T_pad), np.int32)
     mask_p = np.zeros((B, T_pad), bool)
     ids_p[:, T_pad - T:], mask_p[:, T_pad - T:] = ids, mask
+    kv_dtype = choose_cache_dtype(config, attention, params, B, T_pad, capacity, cache_dtype)
     new = _generate(params, jnp.asarray(ids_p), jnp.asarray(mask_p), jnp.int32(max_new_tokens), config, attention,
-                    capacity, steps, jax.random.PRNGKey(seed), jnp.float32(temperature), jnp.float32(top_p), eos_ids)
+                    capacity, steps, jax.random.PRNGKey(seed), jnp.float32(temperature), jnp.float32(top_p), eos_ids,
+                    kv_dtype.name, _progress_wanted(progress, T))
     return jnp.concatenate([jnp.asarray(ids), new[:, :max_new_tokens]], axis=1)
 
 

@@ -92,6 +92,8 @@ class Transformer(nn.Module):
     config: ModelConfig
     attention: Any
     dtype: Any = jnp.float32
+    # called on the host after each layer of a multi-token pass with (layer, layers): progress of long prefills
+    layer_callback: Any = None
 
     @nn.compact
     def __call__(self, ids_BT, ctx: AttentionContext, cache=None, logits_to_keep: int | None = None,
@@ -127,6 +129,8 @@ class Transformer(nn.Module):
                 new = self.attention.write_cache(one(layer_cache), one(writes), ctx)
                 cache = jax.tree.map(lambda c, n: jax.lax.dynamic_update_index_in_dim(c, n[0].astype(c.dtype), i, 0),
                                      cache, new)
+                if self.layer_callback is not None:
+                    jax.debug.callback(self.layer_callback, i, L, ordered=True)
                 return (x, cache), aux
 
             (x, cache), aux = jax.lax.scan(prefill_body, (x, cache), (stacked, jnp.arange(L, dtype=jnp.int32)))
@@ -134,10 +138,13 @@ class Transformer(nn.Module):
             # decode (or no cache): one token's writes per layer, stacked and applied after the scan,
             # so the cache is updated in place instead of copied layer by layer
             def body(x, xs):
-                params, layer_cache = xs
-                return layer.apply({"params": params}, x, layer_cache, ctx)
+                params, layer_cache, i = xs
+                out = layer.apply({"params": params}, x, layer_cache, ctx)
+                if self.layer_callback is not None and ids_BT.shape[1] > 1:
+                    jax.debug.callback(self.layer_callback, i, L, ordered=True)
+                return out
 
-            x, (writes, aux) = jax.lax.scan(body, x, (stacked, cache))
+            x, (writes, aux) = jax.lax.scan(body, x, (stacked, cache, jnp.arange(L, dtype=jnp.int32)))
             if cache is not None:
                 cache = self.attention.write_cache(cache, writes, ctx)
         if logits_to_keep is not None:

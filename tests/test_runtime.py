@@ -194,3 +194,55 @@ def test_logits_to_keep_returns_the_last_positions_only(tiny):
     for bad in (0, 71, 2.0):
         with pytest.raises(ValueError, match="logits_to_keep"):
             lh_jax.forward(m.params, m.config, ids, logits_to_keep=bad)
+
+
+# --- long prompts: memory check, bfloat16 cache, progress ---------------------------------------
+
+def test_a_request_that_cannot_fit_fails_before_any_work(tiny, monkeypatch):
+    from conftest import nothing_compiles
+    m = tiny("llama_gqa2_tied")
+    ids = random_ids((1, 300), seed=5)
+    need = runtime.memory_estimate(m.config, None, 1, 320, jnp.float32, 320 + 16)
+    monkeypatch.setattr(runtime, "available_memory", lambda: sum(need.values()) // 4)
+    with nothing_compiles(), pytest.raises(runtime.InsufficientMemoryError, match="1 x 320 tokens need about .* MiB"):
+        lh_jax.generate(m.params, m.config, ids, 4)
+    with nothing_compiles(), pytest.raises(runtime.InsufficientMemoryError, match="cache_dtype"):
+        runtime.token_logprobs(m.params, m.config, ids)
+
+
+def test_longheads_falls_back_to_a_bfloat16_cache_when_float32_does_not_fit(tiny, monkeypatch):
+    m = tiny("llama_gqa2_tied")
+    lh = lh_jax.LongHeads(16, 4)
+    ids = random_ids((1, 300), seed=6)
+    ref = np.asarray(lh_jax.generate(m.params, m.config, ids, 6, attention=lh))  # float32 cache
+    f32 = runtime.memory_estimate(m.config, lh, 1, 320, jnp.float32, 336)
+    bf16 = runtime.memory_estimate(m.config, lh, 1, 320, jnp.bfloat16, 336)
+    assert bf16["cache"] < f32["cache"]
+    monkeypatch.setattr(runtime, "available_memory", lambda: (sum(f32.values()) + sum(bf16.values())) // 2)
+    with pytest.warns(RuntimeWarning, match="bfloat16 cache"):
+        assert runtime.choose_cache_dtype(m.config, lh, m.params, 1, 320, 336) == jnp.bfloat16
+    # full attention keeps its cache dtype (a bfloat16 cache would be converted whole at every step)
+    full = runtime.memory_estimate(m.config, None, 1, 320, jnp.float32, 336)
+    with monkeypatch.context() as mp:
+        mp.setattr(runtime, "available_memory", lambda: sum(full.values()) - 1)
+        with pytest.raises(runtime.InsufficientMemoryError):
+            runtime.choose_cache_dtype(m.config, None, m.params, 1, 320, 336)
+    with pytest.warns(RuntimeWarning, match="bfloat16 cache"):
+        out = np.asarray(lh_jax.generate(m.params, m.config, ids, 6, attention=lh))
+    assert out.shape == ref.shape and (out[:, :301] == ref[:, :301]).all()  # the first token comes from prefill
+
+
+def test_long_prefills_report_each_layer(tiny, monkeypatch, capsys):
+    m = tiny("llama_gqa2_tied")
+    seen = []
+    monkeypatch.setattr(runtime, "_show_layer", lambda i, n: seen.append((int(i), int(n))))
+    ids = random_ids((1, 80), seed=7)
+    lh_jax.generate(m.params, m.config, ids, 2, attention=lh_jax.LongHeads(16, 4, dense_length=32), progress=True)
+    L = m.config.num_layers
+    assert seen == [(i, L) for i in range(L)]
+    seen.clear()
+    runtime.token_logprobs(m.params, m.config, ids, progress=True)
+    assert seen == [(i, L) for i in range(L)]
+    seen.clear()
+    lh_jax.generate(m.params, m.config, ids, 2, attention=lh_jax.LongHeads(16, 4, dense_length=48))  # short: off
+    assert seen == []
