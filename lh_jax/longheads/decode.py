@@ -128,8 +128,11 @@ def decode_step(settings, q, k, v, rope, ctx: AttentionContext, cache):
         dense_row, force_prev = pos + 1 < settings.dense_length, (pos + 1) % l != 0
     else:
         dense_row, force_prev = pos < settings.dense_length, jnp.ones_like(pos, bool)
+    keys = None
+    if getattr(settings.representation, "needs_keys", False):  # the own chunk is forced, never read here
+        keys = cache["k"].reshape(B, K, C, l, D)
     sel = select(settings, q[:, 0].astype(jnp.float32)[:, :, None, :], reps, cur[:, None, None], K,
-                 force_prev[:, None, None])
+                 force_prev[:, None, None], keys=keys)
     sel = Selection(sel.chunks[:, :, 0], sel.valid[:, :, 0])  # B H N
     dist = distances(settings, sel, jnp.broadcast_to(cur[:, None], (B, H)), jnp.broadcast_to(offset[:, None], (B, H)))
     # A dense row (pos < dense_length <= window) has at most N chunks behind it: it is a selective

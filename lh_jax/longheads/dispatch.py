@@ -108,7 +108,7 @@ class DispatchPlan(NamedTuple):
     num_tiles: jax.Array
 
 
-def _select_blocks(settings, q_BHSD, reps, num_kv_heads: int, first_chunk: int):
+def _select_blocks(settings, q_BHSD, reps, num_kv_heads: int, first_chunk: int, keys_BKClD=None):
     """Pass 1: the selection of every query block (one chunk of queries each), and per block and
     head how many queries picked each chunk and, per pick, how many earlier queries of the block
     picked its chunk. Query block i can only see chunks 0..i, so the blocks run in a few segments,
@@ -121,7 +121,8 @@ def _select_blocks(settings, q_BHSD, reps, num_kv_heads: int, first_chunk: int):
 
     def block(i, width):
         q = jax.lax.dynamic_slice_in_dim(q_BHSD, i * l, l, axis=2)
-        sel = select(settings, q, reps[:, :, :width], i, num_kv_heads)
+        keys = None if keys_BKClD is None else keys_BKClD[:, :, :width]
+        sel = select(settings, q, reps[:, :, :width], i, num_kv_heads, keys=keys)
         # native on the CPU: O(l·N + width) per head instead of a [l, width] membership matrix
         earlier, counts = _native.chunk_counts(jnp.where(sel.valid, sel.chunks, width), width)
         counts = jnp.pad(counts, ((0, 0), (0, 0), (0, C - width)))
@@ -142,9 +143,11 @@ def _select_blocks(settings, q_BHSD, reps, num_kv_heads: int, first_chunk: int):
     return flat(chunks), flat(valid), flat(earlier), counts
 
 
-def plan(settings, q_BHSD, q_loc_BHSD, reps, rope, seq_len, first_chunk: int, num_kv_heads: int) -> DispatchPlan:
+def plan(settings, q_BHSD, q_loc_BHSD, reps, rope, seq_len, first_chunk: int, num_kv_heads: int,
+         k_loc_BKSD=None) -> DispatchPlan:
     """Select, then schedule the selected entries chunk-major in tiles (see DispatchPlan).
-    q: the un-rotated queries of the whole (padded) prompt, q_loc: rotated by in-chunk offsets."""
+    q: the un-rotated queries of the whole (padded) prompt, q_loc: rotated by in-chunk offsets;
+    k_loc: the keys rotated by in-chunk offsets (for representations that read keys)."""
     B, H, S, D = q_BHSD.shape
     rotation = query_rotation(settings, rope, q_BHSD, q_loc_BHSD, seq_len, S // settings.chunk_size)
     K, G = num_kv_heads, H // num_kv_heads
@@ -153,7 +156,10 @@ def plan(settings, q_BHSD, q_loc_BHSD, reps, rope, seq_len, first_chunk: int, nu
     n_blocks = C - first_chunk
     Q = n_blocks * l
     M = max(1, min(settings.kernel.tile_rows, G * Q))
-    chunks, valid, earlier, counts = _select_blocks(settings, q_BHSD, reps, K, first_chunk)
+    keys = None
+    if getattr(settings.representation, "needs_keys", False):
+        keys = k_loc_BKSD.reshape(B, K, C, l, D)
+    chunks, valid, earlier, counts = _select_blocks(settings, q_BHSD, reps, K, first_chunk, keys)
 
     # Destinations. Within a kv head the entries of chunk c come in the order (block, query head,
     # query): offset of (block, head) among chunk c's entries, then the earlier queries' picks.

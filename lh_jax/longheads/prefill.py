@@ -107,7 +107,8 @@ def prefill(settings, q, k, v, rope, ctx: AttentionContext, with_cache: bool):
         outs.append(dense_prefix(seq, rope, dense_end).astype(q.dtype))
     if dense_end < S:
         first = (dense_end // l) * l  # selective queries start at a chunk boundary
-        plan = dispatch.plan(settings, seq.q, seq.q_loc, reps, rope, seq.seq_len, first // l, seq.k.shape[1])
+        plan = dispatch.plan(settings, seq.q, seq.q_loc, reps, rope, seq.seq_len, first // l, seq.k.shape[1],
+                             seq.k_loc)
         selective = dispatch.run(plan, seq.k_loc, seq.v, settings)
         outs.append(selective[:, dense_end - first:].astype(q.dtype))
         if settings.record_selection:

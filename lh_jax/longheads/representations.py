@@ -152,6 +152,58 @@ class SubChunks:
         return R, self.parts * X
 
 
+@dataclasses.dataclass(frozen=True)
+class Shortlist:
+    """Coarse to fine, at a cost linear in the context: `coarse` scores every chunk; for each block of
+    queries (a chunk of queries in prefill, the one query in decode) the `size` candidate chunks
+    with the block's highest coarse score are re-scored by their best single key, max_j q·k_j, read
+    from the keys themselves (no copy). Shortlisted chunks rank above all others, by that score;
+    the rest keep their coarse order. Per query: C coarse scores + size·chunk_size key scores.
+
+    Names: "shortlist" (coarse "mean", 32 chunks), "shortlist:S" (S chunks).
+    """
+
+    coarse: Any = MeanKeys()
+    size: int = 32
+    needs_keys = True
+
+    @property
+    def needs_queries(self):
+        return self.coarse.needs_queries
+
+    def check(self, chunk_size: int) -> None:
+        if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 1:
+            raise ValueError(f"chunk_repr Shortlist(size={self.size!r}): size must be a positive integer")
+        if hasattr(self.coarse, "check"):
+            self.coarse.check(chunk_size)
+
+    def build(self, q_loc_BCtHD, k_loc_BCtKD, v_BCtKD, valid_BCt):
+        return self.coarse.build(q_loc_BCtHD, k_loc_BCtKD, v_BCtKD, valid_BCt)
+
+    def width(self, num_heads, num_kv_heads, head_dim):
+        return self.coarse.width(num_heads, num_kv_heads, head_dim)
+
+    def score(self, q_BHtD, reps_BRCX, cur_BHt, keys_BKClD):
+        B, H, t, D = q_BHtD.shape
+        K = keys_BKClD.shape[1]
+        coarse = self.coarse.score(q_BHtD, reps_BRCX)  # B H t C
+        C = coarse.shape[-1]
+        c = jnp.arange(C, dtype=jnp.int32)
+        candidate = (c >= 1) & (c <= cur_BHt[..., None] - 2)  # select_chunks' free-pick candidates
+        masked = jnp.where(candidate, coarse, -jnp.inf)
+        size = min(self.size, C)
+        _, ids = jax.lax.top_k(jnp.max(masked, axis=2), size)  # B H S: the block's shortlist
+        kv_head = (jnp.arange(H) // (H // K))[None, :, None]
+        keys = keys_BKClD[jnp.arange(B)[:, None, None], kv_head, ids]  # B H S l D
+        fine = jnp.einsum("BHtD,BHSlD->BHtSl", q_BHtD.astype(jnp.float32), keys.astype(jnp.float32)).max(-1)
+        # above every coarse score of the row, in fine order
+        ceiling = jnp.max(jnp.where(jnp.isfinite(masked), masked, -jnp.inf), axis=-1, keepdims=True)
+        ceiling = jnp.where(jnp.isfinite(ceiling), ceiling, 0.0)
+        lifted = fine - jnp.min(fine, axis=-1, keepdims=True) + ceiling + 1.0
+        put = lambda row, i, v: row.at[:, i].set(v)  # row [t, C], i [S], v [t, S]
+        return jax.vmap(jax.vmap(put))(coarse, ids, lifted)
+
+
 def SubChunkPooled(parts: int = 8) -> SubChunks:
     """The paper's attention pooling per sub-chunk ("attn-parts")."""
     return SubChunks(parts, AttnPooled())
@@ -172,6 +224,11 @@ def representation_from_name(name: str, chunk_size: int | None = None):
     "best-key" needs `chunk_size`. Raises ValueError naming the bad name."""
     if name in CHUNK_REPRESENTATIONS:
         return CHUNK_REPRESENTATIONS[name]
+    if name == "shortlist" or name.startswith("shortlist:"):
+        size = name.partition(":")[2]
+        if size and not (size.isdigit() and int(size) > 0):
+            raise ValueError(f"chunk_repr {name!r}: the shortlist size must be a positive integer")
+        return Shortlist(size=int(size) if size else 32)
     if name == BEST_KEY:
         if chunk_size is None:
             raise ValueError("chunk_repr 'best-key' needs the chunk size (pass chunk_size)")
@@ -180,7 +237,7 @@ def representation_from_name(name: str, chunk_size: int | None = None):
     if sep and base.endswith("-parts") and base in CHUNK_REPRESENTATIONS and parts.isdigit() and int(parts) > 0:
         return dataclasses.replace(CHUNK_REPRESENTATIONS[base], parts=int(parts))
     raise ValueError(f"unknown chunk_repr {name!r}; choose one of {sorted(CHUNK_REPRESENTATIONS) + [BEST_KEY]}, "
-                     "'<base>-parts:P' with P a positive integer (e.g. 'attn-parts:16'), "
+                     "'shortlist[:S]', '<base>-parts:P' with P a positive integer (e.g. 'attn-parts:16'), "
                      "or pass an object with build/score/width")
 
 

@@ -113,10 +113,15 @@ class Selection(NamedTuple):
     valid: jax.Array
 
 
-def chunk_scores(settings, q_BHtD, reps, num_kv_heads: int):
+def chunk_scores(settings, q_BHtD, reps, num_kv_heads: int, cur=None, keys=None):
     """Scores [B, H, t, C] of every chunk for each (un-rotated) query; with selection="group" the
-    query heads of a kv head share the sum of their scores."""
-    s = settings.representation.score(q_BHtD, reps)
+    query heads of a kv head share the sum of their scores. A representation with `needs_keys`
+    also gets the queries' own chunks `cur` [B, H, t] and the chunks' keys [B, K, C, l, D]."""
+    representation = settings.representation
+    if getattr(representation, "needs_keys", False):
+        s = representation.score(q_BHtD, reps, cur, keys)
+    else:
+        s = representation.score(q_BHtD, reps)
     if settings.selection == "group":
         B, H, t, C = s.shape
         K = num_kv_heads
@@ -125,11 +130,13 @@ def chunk_scores(settings, q_BHtD, reps, num_kv_heads: int):
     return s
 
 
-def select(settings, q_BHtD, reps, cur, num_kv_heads: int, force_prev=True) -> Selection:
+def select(settings, q_BHtD, reps, cur, num_kv_heads: int, force_prev=True, keys=None) -> Selection:
     """The chunks each (head, query) attends to: representation scores, then the selector.
-    cur [B, H, t] (or broadcastable): the query's own chunk."""
-    scores = chunk_scores(settings, q_BHtD, reps, num_kv_heads)
-    cur = jnp.broadcast_to(jnp.asarray(cur, jnp.int32), scores.shape[:-1])
+    cur [B, H, t] (or broadcastable): the query's own chunk; keys [B, K, C, l, D]: the chunks' keys
+    (rotated by their in-chunk offsets), for representations that read them."""
+    B, H, t, _ = q_BHtD.shape
+    cur = jnp.broadcast_to(jnp.asarray(cur, jnp.int32), (B, H, t))
+    scores = chunk_scores(settings, q_BHtD, reps, num_kv_heads, cur, keys)
     force_prev = jnp.broadcast_to(jnp.asarray(force_prev, bool), cur.shape)
     return Selection(*settings.selector_fn(scores, cur, settings.num_chunks, force_prev))
 
