@@ -421,9 +421,10 @@ ORIGINAL = lh(positions="original")
 GROUP = lh(selection="group")
 PARTS = lh(chunk_repr="attn-parts")  # 8 sub-chunks of 4 tokens
 BEST_KEY = lh(chunk_repr="best-key")  # one key per part (mean-parts:32 here): a chunk scores its best key
+SHORTLIST = lh(num_chunks=5, chunk_repr="shortlist:3")  # 3 of the 2..7 candidates re-scored by their best key
 
 
-@pytest.mark.parametrize("attention", [LH, BOUNDS, lh(num_chunks=13)], ids=label)
+@pytest.mark.parametrize("attention", [LH, BOUNDS, SHORTLIST, lh(num_chunks=13)], ids=label)
 def test_model_selections_are_well_formed(gqa, attention):
     """T=300 (last chunk partial), 10 chunks: forced chunks present, nothing in the future, sorted,
     exactly min(N, cur+1) distinct chunks, unused slots hold the sentinel (= number of chunks)."""
@@ -448,7 +449,7 @@ def test_model_selections_are_well_formed(gqa, attention):
 
 # --- 5. decode after prefill equals one forward pass -------------------------------------------
 
-@pytest.mark.parametrize("attention", [LH, BOUNDS, ORIGINAL, GROUP, PARTS, BEST_KEY], ids=label)
+@pytest.mark.parametrize("attention", [LH, BOUNDS, ORIGINAL, GROUP, PARTS, BEST_KEY, SHORTLIST], ids=label)
 def test_decode_after_prefill_equals_forward(gqa, attention):
     """Prompt 150 (past dense_length, not a chunk multiple), then 150 teacher-forced decode steps
     across the chunk boundaries 160, 192, ..., 288; each step's logits equal forward()'s."""
@@ -470,12 +471,15 @@ def test_decode_crosses_dense_length(gqa):
 
 # --- 6. causality -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("t", [100, 175, 223])
-def test_future_tokens_do_not_change_past_logits(gqa, t):
-    a, _ = run_forward(gqa, LH)
+@pytest.mark.parametrize("t,attention", [(100, LH), (175, LH), (223, LH), (175, SHORTLIST), (230, SHORTLIST)],
+                         ids=["100", "175", "223", "shortlist-175", "shortlist-230"])
+def test_future_tokens_do_not_change_past_logits(gqa, t, attention):
+    """Including a query whose later chunk-mates (same block of the selection pass) change: a
+    shortlist is each query's own, never the block's."""
+    a, _ = run_forward(gqa, attention)
     other = IDS.copy()
     other[:, t + 1:] = rand_ids((1, T_LONG - t - 1), seed=t)
-    b, _ = lh_jax.forward(gqa.params, gqa.config, other, attention=LH, return_aux=True)
+    b, _ = lh_jax.forward(gqa.params, gqa.config, other, attention=attention, return_aux=True)
     b = np.asarray(b)
     np.testing.assert_array_equal(a[:, :t + 1], b[:, :t + 1])
     assert max_err(a[:, t + 1:], b[:, t + 1:]) > 1e-3  # the perturbation does reach the model
@@ -556,6 +560,14 @@ def test_left_padded_batch_forward(gqa):
     alone = [run_forward(gqa, LH)[0][0], fwd(gqa, case["rows"][1][None], LH)[0]]
     for i, p in enumerate(case["rows"]):
         assert max_err(case["logits"][i, T_LONG - len(p):], alone[i]) <= TOL, f"row {i}"
+
+
+def test_left_padded_shortlist_batch_equals_rows_alone(gqa):
+    rows = [IDS[0], rand_ids((190,), seed=17)]
+    ids, mask = left_pad(rows)
+    batch = fwd(gqa, ids, SHORTLIST, attention_mask=mask)
+    for i, p in enumerate(rows):
+        assert max_err(batch[i, T_LONG - len(p):], fwd(gqa, p[None], SHORTLIST)[0]) <= TOL, f"row {i}"
 
 
 def test_left_padded_batch_generate(gqa):

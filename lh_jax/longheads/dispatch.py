@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lh_jax import _native
 from lh_jax.longheads.selection import Selection, distances, select
@@ -108,26 +109,14 @@ class DispatchPlan(NamedTuple):
     num_tiles: jax.Array
 
 
-def _select_blocks(settings, q_BHSD, reps, num_kv_heads: int, first_chunk: int, keys_BKClD=None):
-    """Pass 1: the selection of every query block (one chunk of queries each), and per block and
-    head how many queries picked each chunk and, per pick, how many earlier queries of the block
-    picked its chunk. Query block i can only see chunks 0..i, so the blocks run in a few segments,
-    each scoring only the chunks its last block can see (top-k costs more than linearly in width).
-    Returns chunks [B, H, Q, N], valid, earlier [B, H, Q, N], counts [n_blocks, B, H, C]."""
-    B, H, S, D = q_BHSD.shape
+def _over_blocks(settings, S: int, first_chunk: int, block_fn):
+    """`block_fn(i, width)` for every query block i (one chunk of queries) from `first_chunk` on,
+    its outputs stacked on a leading block axis. Block i sees chunks 0..i only, so the blocks run in
+    a few segments, each given the width (chunks) its last block can see: scoring and top-k then
+    cover the visible chunks, not all of them (top-k costs more than linearly in width)."""
     l = settings.chunk_size
     C = S // l
     n_blocks = C - first_chunk
-
-    def block(i, width):
-        q = jax.lax.dynamic_slice_in_dim(q_BHSD, i * l, l, axis=2)
-        keys = None if keys_BKClD is None else keys_BKClD[:, :, :width]
-        sel = select(settings, q, reps[:, :, :width], i, num_kv_heads, keys=keys)
-        # native on the CPU: O(l·N + width) per head instead of a [l, width] membership matrix
-        earlier, counts = _native.chunk_counts(jnp.where(sel.valid, sel.chunks, width), width)
-        counts = jnp.pad(counts, ((0, 0), (0, 0), (0, C - width)))
-        return jnp.where(sel.valid, sel.chunks, C), sel.valid, earlier, counts
-
     n_seg = min(settings.kernel.selection_segments or (4 if C >= 128 else 1), n_blocks)
     bounds = [first_chunk + (n_blocks * j) // n_seg for j in range(n_seg + 1)]
 
@@ -135,12 +124,134 @@ def _select_blocks(settings, q_BHSD, reps, num_kv_heads: int, first_chunk: int, 
         cap = max(1, SELECT_PAIRS // (l * width))
         return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
 
-    parts = [jax.lax.map(functools.partial(block, width=hi), jnp.arange(lo, hi, dtype=jnp.int32),
+    parts = [jax.lax.map(functools.partial(block_fn, width=hi), jnp.arange(lo, hi, dtype=jnp.int32),
                          batch_size=per_step(hi - lo, hi))
              for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
-    chunks, valid, earlier, counts = (jnp.concatenate(x, axis=0) for x in zip(*parts))
-    flat = lambda x: x.transpose(1, 2, 0, 3, 4).reshape(B, H, n_blocks * l, -1)  # blocks -> queries
-    return flat(chunks), flat(valid), flat(earlier), counts
+    return tuple(jnp.concatenate(x, axis=0) for x in zip(*parts))
+
+
+def _picks_and_counts(picks, valid, width: int, C: int):
+    """A block's picks [B, H, t, P] with their per-block counts: (picks, C at invalid slots; valid;
+    earlier [B, H, t, P]: queries of the block before this one that picked the same chunk; counts
+    [B, H, C]: picks per chunk). Native on the CPU: O(t·P + width) per head instead of a [t, width]
+    membership matrix."""
+    earlier, counts = _native.chunk_counts(jnp.where(valid, picks, width), width)
+    return jnp.where(valid, picks, C), valid, earlier, jnp.pad(counts, ((0, 0), (0, 0), (0, C - width)))
+
+
+def _by_query(x, B: int, H: int):
+    """[blocks, B, H, l, ...] -> [B, H, blocks·l, ...]."""
+    return jnp.moveaxis(x, 0, 2).reshape((B, H, x.shape[0] * x.shape[3]) + x.shape[4:])
+
+
+class Schedule(NamedTuple):
+    """Where each entry (query head, query, pick) goes: per kv head, the entries of its G query heads
+    grouped by the chunk they read, each chunk's entries padded to whole tiles of M.
+
+    Attributes:
+      dest: [B, H, Q, P] int32, the entry's index in the flat lists [B·K·W·M]; past the end (dropped)
+        for invalid picks.
+      tile_chunk: [B, K, W] int32, the chunk each tile reads.
+      num_tiles: [K] int32, tiles in use per kv head (the largest over the batch).
+      rows_per_tile: M (static).
+    """
+
+    dest: jax.Array
+    tile_chunk: jax.Array
+    num_tiles: jax.Array
+    rows_per_tile: int
+
+    def scatter(self, values_BHQP, fill, shape_BKx):
+        """Per-entry values laid out in the tiles' order, [B, K, W·M] (`fill` in padding)."""
+        size = int(np.prod(shape_BKx))
+        out = jnp.full((size,), fill, jnp.int32).at[self.dest.reshape(-1)].set(values_BHQP.reshape(-1), mode="drop")
+        return out.reshape(shape_BKx)
+
+
+def schedule(picks, valid, earlier, counts, num_kv_heads: int, chunk_size: int, tile_rows: int) -> Schedule:
+    """The counting sort: destinations of the entries from per-block counts, no global sort.
+    picks/valid/earlier [B, H, Q, P] (queries in block order), counts [n_blocks, B, H, C]."""
+    B, H, Q, P = picks.shape
+    K, G = num_kv_heads, H // num_kv_heads
+    n_blocks, C = counts.shape[0], counts.shape[-1]
+    l = chunk_size
+    M = max(1, min(tile_rows, G * Q))
+    # within a kv head the entries of chunk c come in the order (block, query head, query)
+    counts = counts.reshape(n_blocks, B, K, G, C)
+    head_offset = jnp.cumsum(counts, axis=3) - counts
+    per_block = jnp.sum(counts, axis=3)  # n_blocks B K C
+    block_offset = jnp.cumsum(per_block, axis=0) - per_block
+    offset = (block_offset[:, :, :, None] + head_offset).transpose(1, 2, 3, 0, 4).reshape(B, H, n_blocks * C)
+    tiles_per_chunk = (jnp.sum(per_block, axis=0) + M - 1) // M  # B K C
+    tile_end = jnp.cumsum(tiles_per_chunk, axis=-1)
+    first_tile = jnp.repeat(tile_end - tiles_per_chunk, G, axis=1)  # B H C
+    W = -(-G * Q * P // M) + C  # static bound on tiles per kv head
+
+    query = jnp.arange(Q, dtype=jnp.int32)
+    chunk = jnp.minimum(picks, C - 1)  # in range even at unused slots (dropped below)
+    rank = jnp.take_along_axis(offset, ((query // l)[:, None] * C + chunk).reshape(B, H, Q * P), axis=-1)
+    rank = rank.reshape(B, H, Q, P) + earlier
+    dest = jnp.take_along_axis(first_tile, chunk.reshape(B, H, Q * P), axis=-1).reshape(B, H, Q, P) * M + rank
+    list_start = (jnp.arange(B)[:, None] * K + jnp.arange(H)[None, :] // G) * (W * M)  # B H
+    dest = jnp.where(valid, dest + list_start[..., None, None], B * K * W * M)
+    tile_chunk = jnp.sum(jnp.arange(W, dtype=jnp.int32)[None, None, :, None] >= tile_end[:, :, None, :],
+                         axis=-1, dtype=jnp.int32)
+    return Schedule(dest, jnp.minimum(tile_chunk, C - 1), jnp.max(tile_end[..., -1], axis=0), M)
+
+
+def _entry_rows(Q: int, P: int, B: int, H: int, G: int):
+    """Each entry's row within its kv group, g·Q + t, [B, H, Q, P]."""
+    rows = (jnp.arange(H) % G)[:, None] * Q + jnp.arange(Q, dtype=jnp.int32)[None, :]
+    return jnp.broadcast_to(rows[None, :, :, None], (B, H, Q, P))
+
+
+def shortlist_scores(settings, q_BHSD, reps, k_loc_BKSD, first_chunk: int, num_kv_heads: int):
+    """For a `Shortlist` representation: every selective query's shortlist and the fine score of
+    each shortlisted chunk (its best key), computed chunk-major: entries (query head, query,
+    shortlisted chunk) scheduled like attention's, one [M x l] product per tile, each entry's
+    maximum written to its (row, slot). Returns fine [B, H, Q, S]."""
+    B, H, S_pos, D = q_BHSD.shape
+    K, G = num_kv_heads, H // num_kv_heads
+    l = settings.chunk_size
+    C = S_pos // l
+    Q = (C - first_chunk) * l
+    representation = settings.representation
+
+    def block(i, width):
+        q = jax.lax.dynamic_slice_in_dim(q_BHSD, i * l, l, axis=2)
+        ids, ok, _ = representation.shortlist(q, reps[:, :, :width], jnp.full(q.shape[:3], i, jnp.int32))
+        return _picks_and_counts(ids, ok, width, C)
+
+    picks, valid, earlier, counts = _over_blocks(settings, S_pos, first_chunk, block)
+    picks, valid, earlier = (_by_query(x, B, H) for x in (picks, valid, earlier))
+    n_short = picks.shape[-1]
+    plan = schedule(picks, valid, earlier, counts, K, l, settings.kernel.tile_rows)
+    M, W = plan.rows_per_tile, plan.tile_chunk.shape[-1]
+    rows = G * Q * n_short + 1  # one output slot per (row, shortlist slot); the last is the padding sink
+    slot = _entry_rows(Q, n_short, B, H, G) * n_short + jnp.arange(n_short, dtype=jnp.int32)
+    entry_slot = plan.scatter(slot, rows - 1, (B, K, W * M))
+    entry_row = plan.scatter(_entry_rows(Q, n_short, B, H, G), G * Q, (B, K, W * M))
+    queries = q_BHSD[:, :, first_chunk * l:].reshape(B, K, G * Q, D).astype(jnp.float32)
+    queries = jnp.pad(queries, ((0, 0), (0, 0), (0, 1), (0, 0)))
+    keys = k_loc_BKSD.reshape(B, K, C, l, D)
+    in_bounds = "promise_in_bounds"
+    b_ix = jnp.arange(B)[:, None, None]
+    k_ix = jnp.arange(K)[None, :, None]
+
+    def tile(i, fine):
+        entries = lambda x: jax.lax.dynamic_slice_in_dim(x, i * M, M, axis=2)  # B K M
+        q = jnp.take_along_axis(queries, entries(entry_row)[..., None], axis=2, mode=in_bounds)
+        chunk = plan.tile_chunk[:, :, i][:, :, None, None, None]
+        k_c = jnp.take_along_axis(keys, chunk, axis=2, mode=in_bounds)[:, :, 0]  # B K l D
+        best = jnp.einsum("BKMD,BKlD->BKMl", q.astype(keys.dtype), k_c, preferred_element_type=jnp.float32).max(-1)
+        return fine.at[b_ix, k_ix, entries(entry_slot)].set(best, mode=in_bounds, unique_indices=True)
+
+    def maybe_tile(i, fine):
+        return jax.lax.cond(i < jnp.max(plan.num_tiles), lambda f: tile(i, f), lambda f: f, fine)
+
+    fine = jax.lax.fori_loop(0, W, maybe_tile, jnp.zeros((B, K, rows), jnp.float32))
+    fine = fine[:, :, :-1].reshape(B, K, G, Q, n_short).reshape(B, H, Q, n_short)
+    return fine
 
 
 def plan(settings, q_BHSD, q_loc_BHSD, reps, rope, seq_len, first_chunk: int, num_kv_heads: int,
@@ -151,60 +262,39 @@ def plan(settings, q_BHSD, q_loc_BHSD, reps, rope, seq_len, first_chunk: int, nu
     B, H, S, D = q_BHSD.shape
     rotation = query_rotation(settings, rope, q_BHSD, q_loc_BHSD, seq_len, S // settings.chunk_size)
     K, G = num_kv_heads, H // num_kv_heads
-    l, N = settings.chunk_size, settings.num_chunks
+    l = settings.chunk_size
     C = S // l
-    n_blocks = C - first_chunk
-    Q = n_blocks * l
-    M = max(1, min(settings.kernel.tile_rows, G * Q))
-    keys = None
+    Q = (C - first_chunk) * l
+    fine = None
     if getattr(settings.representation, "needs_keys", False):
-        keys = k_loc_BKSD.reshape(B, K, C, l, D)
-    chunks, valid, earlier, counts = _select_blocks(settings, q_BHSD, reps, K, first_chunk, keys)
+        fine = shortlist_scores(settings, q_BHSD, reps, k_loc_BKSD, first_chunk, K)
 
-    # Destinations. Within a kv head the entries of chunk c come in the order (block, query head,
-    # query): offset of (block, head) among chunk c's entries, then the earlier queries' picks.
-    counts = counts.reshape(n_blocks, B, K, G, C)
-    head_offset = jnp.cumsum(counts, axis=3) - counts
-    per_block = jnp.sum(counts, axis=3)  # n_blocks B K C
-    block_offset = jnp.cumsum(per_block, axis=0) - per_block
-    offset = (block_offset[:, :, :, None] + head_offset).transpose(1, 2, 3, 0, 4).reshape(B, H, n_blocks * C)
-    tiles_per_chunk = (jnp.sum(per_block, axis=0) + M - 1) // M  # B K C
-    tile_end = jnp.cumsum(tiles_per_chunk, axis=-1)
-    first_tile = jnp.repeat(tile_end - tiles_per_chunk, G, axis=1)  # B H C
-    W = -(-G * Q * N // M) + C  # static bound on tiles per kv head
+    def block(i, width):
+        q = jax.lax.dynamic_slice_in_dim(q_BHSD, i * l, l, axis=2)
+        f = None if fine is None else jax.lax.dynamic_slice_in_dim(fine, (i - first_chunk) * l, l, axis=2)
+        sel = select(settings, q, reps[:, :, :width], i, K, fine=f)
+        return _picks_and_counts(sel.chunks, sel.valid, width, C)
+
+    chunks, valid, earlier, counts = _over_blocks(settings, S, first_chunk, block)
+    chunks, valid, earlier = (_by_query(x, B, H) for x in (chunks, valid, earlier))
+    N = chunks.shape[-1]
+    sched = schedule(chunks, valid, earlier, counts, K, l, settings.kernel.tile_rows)
+    M, W = sched.rows_per_tile, sched.tile_chunk.shape[-1]
 
     query = jnp.arange(Q, dtype=jnp.int32)
-    chunk = jnp.minimum(chunks, C - 1)  # in range even at unused slots (dropped below)
-    rank = jnp.take_along_axis(offset, ((query // l)[:, None] * C + chunk).reshape(B, H, Q * N), axis=-1)
-    rank = rank.reshape(B, H, Q, N) + earlier
-    dest = jnp.take_along_axis(first_tile, chunk.reshape(B, H, Q * N), axis=-1).reshape(B, H, Q, N) * M + rank
-
     position = first_chunk * l + query
     offset_in_chunk = position % l
     sel = Selection(chunks, valid)
     dist = distances(settings, sel, jnp.broadcast_to(position // l, (B, H, Q)),
                      jnp.broadcast_to(offset_in_chunk, (B, H, Q)))
-    rotation_row = rotation.row(dist, offset_in_chunk[:, None])
     own_key = 0 if settings.reference else 1  # the released code leaves out the query's own key
     visible = jnp.clip(position[:, None] + own_key - chunks * l, 0, l)
-
-    # scatter the entries into each kv head's list of W·M (padding: row G·Q, nothing visible)
-    size = B * K * W * M
-    list_start = (jnp.arange(B)[:, None] * K + jnp.arange(H)[None, :] // G) * (W * M)  # B H
-    dest = jnp.where(valid, dest + list_start[..., None, None], size).reshape(-1)  # invalid: dropped
-    row_of = (jnp.arange(H) % G)[:, None] * Q + query[None, :]  # H Q
-
-    def scatter(fill, values):
-        out = jnp.full((size,), fill, jnp.int32).at[dest].set(values.reshape(-1), mode="drop")
-        return out.reshape(B, K, W * M)
-
-    row = scatter(G * Q, jnp.broadcast_to(row_of[None, :, :, None], (B, H, Q, N)))
-    tile_chunk = jnp.sum(jnp.arange(W, dtype=jnp.int32)[None, None, :, None] >= tile_end[:, :, None, :],
-                         axis=-1, dtype=jnp.int32)
-    return DispatchPlan(selection=sel, first_chunk=first_chunk, rotation=rotation, row=row,
-                        rotation_row=scatter(0, rotation_row),
-                        visible=scatter(0, visible), tile_chunk=jnp.minimum(tile_chunk, C - 1),
-                        num_tiles=jnp.max(tile_end[..., -1], axis=0))
+    shape = (B, K, W * M)  # padding entries: row G·Q (a sink), nothing visible
+    return DispatchPlan(selection=sel, first_chunk=first_chunk, rotation=rotation,
+                        row=sched.scatter(_entry_rows(Q, N, B, H, G), G * Q, shape),
+                        rotation_row=sched.scatter(rotation.row(dist, offset_in_chunk[:, None]), 0, shape),
+                        visible=sched.scatter(visible, 0, shape), tile_chunk=sched.tile_chunk,
+                        num_tiles=sched.num_tiles)
 
 
 def kv_heads_per_step(num_kv_heads: int) -> int:

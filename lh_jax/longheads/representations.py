@@ -154,16 +154,16 @@ class SubChunks:
 
 @dataclasses.dataclass(frozen=True)
 class Shortlist:
-    """Coarse to fine, at a cost linear in the context: `coarse` scores every chunk; for each block of
-    queries (a chunk of queries in prefill, the one query in decode) the `size` candidate chunks
-    with the block's highest coarse score are re-scored by their best single key, max_j q·k_j, read
-    from the keys themselves (no copy). Shortlisted chunks rank above all others, by that score;
-    the rest keep their coarse order. Per query: C coarse scores + size·chunk_size key scores.
+    """Coarse to fine, at a cost linear in the context. `coarse` scores every chunk; each query's
+    `size` best candidate chunks by it (its shortlist) are re-scored by their best single key,
+    max_j q·k_j, read from the keys themselves. Shortlisted chunks rank above all others, in that
+    order; the rest keep their coarse order. Per query: C coarse scores + size·chunk_size key
+    products (in prefill computed chunk-major by the dispatch kernel, like attention).
 
-    Names: "shortlist" (coarse "mean", 32 chunks), "shortlist:S" (S chunks).
+    Names: "shortlist" (coarse "mean-parts:4", 32 chunks), "shortlist:S" (S chunks).
     """
 
-    coarse: Any = MeanKeys()
+    coarse: Any = SubChunks(4, MeanKeys())
     size: int = 32
     needs_keys = True
 
@@ -183,25 +183,42 @@ class Shortlist:
     def width(self, num_heads, num_kv_heads, head_dim):
         return self.coarse.width(num_heads, num_kv_heads, head_dim)
 
-    def score(self, q_BHtD, reps_BRCX, cur_BHt, keys_BKClD):
-        B, H, t, D = q_BHtD.shape
-        K = keys_BKClD.shape[1]
-        coarse = self.coarse.score(q_BHtD, reps_BRCX)  # B H t C
+    def shortlist(self, q_BHtD, reps_BRCX, cur_BHt):
+        """(ids [B, H, t, S], ok [B, H, t, S], coarse [B, H, t, C]): each query's best candidates
+        (chunks 1..cur-2, the free picks of `select_chunks`) by the coarse score."""
+        coarse = self.coarse.score(q_BHtD, reps_BRCX)
         C = coarse.shape[-1]
         c = jnp.arange(C, dtype=jnp.int32)
-        candidate = (c >= 1) & (c <= cur_BHt[..., None] - 2)  # select_chunks' free-pick candidates
-        masked = jnp.where(candidate, coarse, -jnp.inf)
-        size = min(self.size, C)
-        _, ids = jax.lax.top_k(jnp.max(masked, axis=2), size)  # B H S: the block's shortlist
-        kv_head = (jnp.arange(H) // (H // K))[None, :, None]
-        keys = keys_BKClD[jnp.arange(B)[:, None, None], kv_head, ids]  # B H S l D
-        fine = jnp.einsum("BHtD,BHSlD->BHtSl", q_BHtD.astype(jnp.float32), keys.astype(jnp.float32)).max(-1)
-        # above every coarse score of the row, in fine order
-        ceiling = jnp.max(jnp.where(jnp.isfinite(masked), masked, -jnp.inf), axis=-1, keepdims=True)
-        ceiling = jnp.where(jnp.isfinite(ceiling), ceiling, 0.0)
-        lifted = fine - jnp.min(fine, axis=-1, keepdims=True) + ceiling + 1.0
-        put = lambda row, i, v: row.at[:, i].set(v)  # row [t, C], i [S], v [t, S]
-        return jax.vmap(jax.vmap(put))(coarse, ids, lifted)
+        candidate = (c >= 1) & (c <= cur_BHt[..., None] - 2)
+        vals, ids = jax.lax.top_k(jnp.where(candidate, coarse, -jnp.inf), min(self.size, C))
+        return ids.astype(jnp.int32), vals > -jnp.inf, coarse
+
+    @staticmethod
+    def fine_scores(q_BHtD, ids_BHtS, keys_BKClD):
+        """max_j q·k_j over each shortlisted chunk's keys, [B, H, t, S] (a gather per query: the
+        direct definition, used in decode; prefill computes it chunk-major)."""
+        B, H, t, D = q_BHtD.shape
+        K = keys_BKClD.shape[1]
+        kv_head = (jnp.arange(H) // (H // K))[None, :, None, None]
+        keys = keys_BKClD[jnp.arange(B)[:, None, None, None], kv_head, ids_BHtS]  # B H t S l D
+        return jnp.einsum("BHtD,BHtSlD->BHtSl", q_BHtD.astype(jnp.float32), keys.astype(jnp.float32)).max(-1)
+
+    @staticmethod
+    def combine(coarse_BHtC, ids_BHtS, ok_BHtS, fine_BHtS):
+        """Scores [B, H, t, C]: shortlisted chunks above every coarse score of their row, by fine."""
+        ceiling = jnp.max(coarse_BHtC, axis=-1, keepdims=True)
+        floor = jnp.min(jnp.where(ok_BHtS, fine_BHtS, jnp.inf), axis=-1, keepdims=True)
+        floor = jnp.where(jnp.isfinite(floor), floor, 0.0)
+        lifted = jnp.where(ok_BHtS, fine_BHtS - floor + ceiling + 1.0, -jnp.inf)
+        B, H, t, C = coarse_BHtC.shape
+        flat = coarse_BHtC.reshape(B * H * t, C)
+        rows = jnp.arange(B * H * t)[:, None]
+        out = flat.at[rows, ids_BHtS.reshape(B * H * t, -1)].max(lifted.reshape(B * H * t, -1))
+        return out.reshape(B, H, t, C)
+
+    def score(self, q_BHtD, reps_BRCX, cur_BHt, keys_BKClD):
+        ids, ok, coarse = self.shortlist(q_BHtD, reps_BRCX, cur_BHt)
+        return self.combine(coarse, ids, ok, self.fine_scores(q_BHtD, ids, keys_BKClD))
 
 
 def SubChunkPooled(parts: int = 8) -> SubChunks:
@@ -228,7 +245,7 @@ def representation_from_name(name: str, chunk_size: int | None = None):
         size = name.partition(":")[2]
         if size and not (size.isdigit() and int(size) > 0):
             raise ValueError(f"chunk_repr {name!r}: the shortlist size must be a positive integer")
-        return Shortlist(size=int(size) if size else 32)
+        return Shortlist(size=int(size)) if size else Shortlist()
     if name == BEST_KEY:
         if chunk_size is None:
             raise ValueError("chunk_repr 'best-key' needs the chunk size (pass chunk_size)")

@@ -113,12 +113,17 @@ class Selection(NamedTuple):
     valid: jax.Array
 
 
-def chunk_scores(settings, q_BHtD, reps, num_kv_heads: int, cur=None, keys=None):
+def chunk_scores(settings, q_BHtD, reps, num_kv_heads: int, cur=None, keys=None, fine=None):
     """Scores [B, H, t, C] of every chunk for each (un-rotated) query; with selection="group" the
     query heads of a kv head share the sum of their scores. A representation with `needs_keys`
-    also gets the queries' own chunks `cur` [B, H, t] and the chunks' keys [B, K, C, l, D]."""
+    (a `Shortlist`) also gets the queries' own chunks `cur` [B, H, t] and the chunks' keys
+    [B, K, C, l, D], or instead `fine` [B, H, t, S]: its shortlist's fine scores, computed already
+    (the prefill kernel computes them chunk-major)."""
     representation = settings.representation
-    if getattr(representation, "needs_keys", False):
+    if fine is not None:
+        ids, ok, coarse = representation.shortlist(q_BHtD, reps, cur)
+        s = representation.combine(coarse, ids, ok, fine)
+    elif getattr(representation, "needs_keys", False):
         s = representation.score(q_BHtD, reps, cur, keys)
     else:
         s = representation.score(q_BHtD, reps)
@@ -130,13 +135,13 @@ def chunk_scores(settings, q_BHtD, reps, num_kv_heads: int, cur=None, keys=None)
     return s
 
 
-def select(settings, q_BHtD, reps, cur, num_kv_heads: int, force_prev=True, keys=None) -> Selection:
+def select(settings, q_BHtD, reps, cur, num_kv_heads: int, force_prev=True, keys=None, fine=None) -> Selection:
     """The chunks each (head, query) attends to: representation scores, then the selector.
     cur [B, H, t] (or broadcastable): the query's own chunk; keys [B, K, C, l, D]: the chunks' keys
     (rotated by their in-chunk offsets), for representations that read them."""
     B, H, t, _ = q_BHtD.shape
     cur = jnp.broadcast_to(jnp.asarray(cur, jnp.int32), (B, H, t))
-    scores = chunk_scores(settings, q_BHtD, reps, num_kv_heads, cur, keys)
+    scores = chunk_scores(settings, q_BHtD, reps, num_kv_heads, cur, keys, fine)
     force_prev = jnp.broadcast_to(jnp.asarray(force_prev, bool), cur.shape)
     return Selection(*settings.selector_fn(scores, cur, settings.num_chunks, force_prev))
 
