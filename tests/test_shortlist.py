@@ -70,13 +70,14 @@ def test_selection_equals_the_direct_definition(case):
             assert idx[0, h, i][ok[0, h, i]].tolist() == want, (h, i, int(cur[0, h, i]))
 
 
-@pytest.mark.parametrize("tile_rows", [2048, 7, 1])
-def test_chunk_major_fine_scores_equal_the_direct_gather(tile_rows):
+@pytest.mark.parametrize("tile_rows,segments", [(2048, None), (7, None), (1, None), (64, 3)])
+def test_chunk_major_fine_scores_equal_the_direct_gather(tile_rows, segments):
     """The prefill kernel's fine pass (entries scheduled by chunk, one product per tile) gives
     exactly the best key of every shortlisted chunk that `Shortlist.fine_scores` gathers."""
     config = models_config_for_layer()
-    lh = LongHeads(16, 4, dense_length=32, chunk_repr=Shortlist(SubChunks(2, MeanKeys()), 3),
-                   kernel=Dispatch(tile_rows=tile_rows))
+    # 3 selection segments: the first sees 2 + 3 chunks, fewer than the shortlist of 6
+    lh = LongHeads(16, 4, dense_length=32, chunk_repr=Shortlist(SubChunks(2, MeanKeys()), 3 if segments is None else 6),
+                   kernel=Dispatch(tile_rows=tile_rows, selection_segments=segments))
     T, H, K, D = 200, 4, 2, 16
     rng = np.random.default_rng(3)
     q, k, v = (jnp.asarray(rng.standard_normal((1, T, n, D)).astype(np.float32)) for n in (H, K, K))

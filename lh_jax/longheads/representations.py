@@ -191,6 +191,9 @@ class Shortlist:
         c = jnp.arange(C, dtype=jnp.int32)
         candidate = (c >= 1) & (c <= cur_BHt[..., None] - 2)
         vals, ids = jax.lax.top_k(jnp.where(candidate, coarse, -jnp.inf), min(self.size, C))
+        if C < self.size:  # fewer chunks than slots: the same static shape whatever C is
+            pad = ((0, 0),) * 3 + ((0, self.size - C),)
+            vals, ids = jnp.pad(vals, pad, constant_values=-jnp.inf), jnp.pad(ids, pad)
         return ids.astype(jnp.int32), vals > -jnp.inf, coarse
 
     @staticmethod
