@@ -309,3 +309,15 @@ def run_on_virtual_devices(script: str, work_dir, timeout: int, n_devices: int =
     assert res.returncode == 0, f"stdout:\n{res.stdout}\nstderr:\n{res.stderr[-6000:]}"
     assert "ALL OK" in res.stdout
     return res.stdout
+
+
+def cli_error(argv, capsys) -> str:
+    """Run `lh-jax ARGV` in-process: it must exit with code 2 and print one line on stderr (no
+    traceback); returns that line."""
+    import lh_jax.cli
+    with pytest.raises(SystemExit) as e:
+        lh_jax.cli.main(argv)
+    assert e.value.code == 2, e.value.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]

@@ -11,23 +11,13 @@ import pytest
 
 import lh_jax
 import lh_jax.cli
-from conftest import save_tiny_with_tokenizer
+from conftest import cli_error, save_tiny_with_tokenizer
 from lh_jax import runtime
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return save_tiny_with_tokenizer(tmp_path_factory.mktemp("cli") / "m", seed=9)
-
-
-def fails(argv, capsys) -> str:
-    """Run `lh-jax ARGV`; it must exit 2 with one line on stderr; returns that line."""
-    with pytest.raises(SystemExit) as e:
-        lh_jax.cli.main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -47,7 +37,7 @@ def fails(argv, capsys) -> str:
     (["frobnicate"], "invalid choice"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(argv, match, capsys):
-    assert match in fails(argv, capsys)
+    assert match in cli_error(argv, capsys)
 
 
 def test_console_script_prints_no_traceback(tmp_path):

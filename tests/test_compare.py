@@ -15,7 +15,9 @@ import pytest
 
 import lh_jax
 import lh_jax.cli
-from conftest import copy_without_weights, save_tiny_with_tokenizer
+import re
+
+from conftest import cli_error, copy_without_weights, save_tiny_with_tokenizer
 from lh_jax import runtime
 from lh_jax.experiments import needle as N
 from lh_jax.experiments import passkey as pk
@@ -199,11 +201,11 @@ def test_unknown_method_is_a_usage_error(no_weights_dir, tmp_path, capsys):
     (["--tasks", "needle", "--lengths", "64", "--bucket", "64"], "needle task multikey at --lengths 64"),
     (["--text", "/no/such/play.txt"], "/no/such/play.txt does not exist"),
 ])
-def test_bad_input_fails_before_the_model_loads(no_weights_dir, tmp_path, monkeypatch, extra, match):
+def test_bad_input_fails_before_the_model_loads(no_weights_dir, tmp_path, monkeypatch, capsys, extra, match):
     loads = []
     real = lh_jax.load
     monkeypatch.setattr(lh_jax, "load", lambda *a, **k: loads.append(a) or real(*a, **k))
-    with pytest.raises((ValueError, FileNotFoundError), match=match):
-        lh_jax.cli.main(["compare", "--model", no_weights_dir, "--out", str(tmp_path / "o"), *RUN, *extra])
+    line = cli_error(["compare", "--model", no_weights_dir, "--out", str(tmp_path / "o"), *RUN, *extra], capsys)
+    assert line.startswith("lh-jax compare: error: ") and re.search(match, line), line
     assert loads == []
     assert not os.path.exists(tmp_path / "o" / "passkey")  # no task started

@@ -18,7 +18,9 @@ import pytest
 import lh_jax
 import lh_jax.cli
 from lh_jax import runtime
-from conftest import save_tiny_with_tokenizer, torch_greedy
+import re
+
+from conftest import cli_error, save_tiny_with_tokenizer, torch_greedy
 from lh_jax.experiments import passkey as pk
 from lh_jax.methods import MethodSpec
 
@@ -225,21 +227,21 @@ def test_custom_haystack_needle_question(model_dir, tokenizer, tmp_path):
         assert abs(r["needle_start"] / r["tokens"] - r["depth"]) < 0.15
 
 
-@pytest.mark.parametrize("flags,error,match", [
-    (["--haystack", "/nonexistent/hay.txt"], FileNotFoundError, "--haystack file /nonexistent/hay.txt"),
-    (["--needle", "The pass key is 12345."], ValueError, "--needle must contain '{key}'"),
-    (["--needle", "The {thing} is {key}."], ValueError, "--needle .* not a valid template"),
-    (["--methods", "full,banana"], SystemExit, None),  # argparse: "unknown method 'banana'"
-    (["--depths", "0.5,1.5"], ValueError, "--depths: depth 1.5 is outside"),
-    (["--depths", "half"], ValueError, "--depths must list numbers"),
-    (["--lengths", "4q"], ValueError, "--lengths must list"),
-    (["--lengths", "40"], ValueError, "--lengths 40: n_tokens=40 is too short"),
-    (["--trials", "0"], ValueError, "--trials must be a positive integer"),
-    (["--batch-size", "0"], ValueError, "--batch-size must be a positive integer"),
-    (["--question", "  "], ValueError, "--question must not be empty"),
-    ("short-haystack", ValueError, r"--haystack .*hay\.txt: haystack has \d+ tokens, fewer than"),
+@pytest.mark.parametrize("flags,match", [
+    (["--haystack", "/nonexistent/hay.txt"], "--haystack file /nonexistent/hay.txt"),
+    (["--needle", "The pass key is 12345."], "--needle must contain '{key}'"),
+    (["--needle", "The {thing} is {key}."], "--needle .* not a valid template"),
+    (["--methods", "full,banana"], "unknown method 'banana'"),
+    (["--depths", "0.5,1.5"], "--depths: depth 1.5 is outside"),
+    (["--depths", "half"], "--depths must list numbers"),
+    (["--lengths", "4q"], "--lengths must list"),
+    (["--lengths", "40"], "--lengths 40: n_tokens=40 is too short"),
+    (["--trials", "0"], "--trials must be a positive integer"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--question", "  "], "--question must not be empty"),
+    ("short-haystack", r"--haystack .*hay\.txt: haystack has \d+ tokens, fewer than"),
 ])
-def test_bad_input_fails_before_loading_the_model(model_dir, tmp_path, monkeypatch, flags, error, match):
+def test_bad_input_fails_before_loading_the_model(model_dir, tmp_path, monkeypatch, capsys, flags, match):
     if flags == "short-haystack":
         (tmp_path / "hay.txt").write_text("Only a few words here.")
         flags = ["--haystack", str(tmp_path / "hay.txt")]
@@ -248,8 +250,8 @@ def test_bad_input_fails_before_loading_the_model(model_dir, tmp_path, monkeypat
         raise AssertionError("the model was loaded before the bad input was noticed")
     monkeypatch.setattr(lh_jax, "load", no_load)
     out = tmp_path / "out"
-    with pytest.raises(error, match=match):
-        lh_jax.cli.main(["passkey", "--model", model_dir, "--out", str(out), "--lengths", "256", *flags])
+    line = cli_error(["passkey", "--model", model_dir, "--out", str(out), "--lengths", "256", *flags], capsys)
+    assert line.startswith("lh-jax passkey: error: ") and re.search(match, line), line
     assert not out.exists()
 
 
