@@ -15,19 +15,25 @@ from lh_jax import runtime
 from lh_jax.longheads import Dispatch, LongHeads, select_chunks
 from lh_jax.longheads import dispatch as kernel
 from lh_jax.longheads import prefill as pf
-from lh_jax.longheads.representations import MeanKeys, Shortlist, SubChunks, build_in_blocks
+from lh_jax.longheads.representations import (KeyBounds, MeanKeys, Shortlist, SubChunks, build_in_blocks,
+                                             representation_from_name)
 from lh_jax.models.rope import Rope
 from test_longheads import models_config_for_layer
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def direct_picks(q, keys, cur, parts, size, num_chunks):
+def direct_picks(q, keys, cur, parts, size, num_chunks, coarse_kind="mean"):
     """The selection by definition, for one query of one head: candidates 1..cur-2; the `size` best by
-    the best of `parts` sub-chunk mean keys; those ranked by their best single key, then the rest by
-    the coarse score; chunk 0, cur - 1, cur forced. q [D], keys [C, l, D]."""
+    the best of `parts` sub-chunk summaries (mean key, or Quest's bound max over the part of q·k);
+    those ranked by their best single key, then the rest by the coarse score; chunk 0, cur - 1, cur
+    forced. q [D], keys [C, l, D]."""
     C, l, D = keys.shape
-    coarse = (keys.reshape(C, parts, l // parts, D).mean(2) @ q).max(-1)
+    sub = keys.reshape(C, parts, l // parts, D)
+    if coarse_kind == "mean":
+        coarse = (sub.mean(2) @ q).max(-1)
+    else:
+        coarse = np.maximum(q * sub.min(2), q * sub.max(2)).sum(-1).max(-1)
     fine = (keys @ q).max(-1)
     cand = [c for c in range(1, cur - 1)]
     short = sorted(cand, key=lambda c: (-coarse[c], c))[:size]
@@ -45,20 +51,21 @@ def cases(draw):
     N = draw(st.integers(3, C + 2))
     t = draw(st.integers(1, 4))
     seed = draw(st.integers(0, 2 ** 16))
-    return C, l, size, N, t, seed
+    coarse = draw(st.sampled_from(["mean", "bounds"]))
+    return C, l, size, N, t, seed, coarse
 
 
 @SETTINGS
 @given(cases())
 def test_selection_equals_the_direct_definition(case):
-    C, l, size, N, t, seed = case
+    C, l, size, N, t, seed, coarse = case
     rng = np.random.default_rng(seed)
     B, K, G, D = 1, 2, 2, 8
     H = K * G
     q = rng.standard_normal((B, H, t, D)).astype(np.float32)
     keys = rng.standard_normal((B, K, C, l, D)).astype(np.float32)
     cur = rng.integers(0, C, size=(B, H, t)).astype(np.int32)
-    rep = Shortlist(SubChunks(2, MeanKeys()), size)
+    rep = Shortlist(SubChunks(2, MeanKeys() if coarse == "mean" else KeyBounds()), size)
     k_BCtKD = jnp.asarray(keys.transpose(0, 2, 3, 1, 4))
     reps = rep.build(jnp.zeros((B, C, l, H, D)), k_BCtKD, jnp.zeros_like(k_BCtKD), jnp.ones((B, C, l), bool))
     scores = rep.score(jnp.asarray(q), reps, jnp.asarray(cur), jnp.asarray(keys))
@@ -66,7 +73,7 @@ def test_selection_equals_the_direct_definition(case):
     idx, ok = np.asarray(idx), np.asarray(ok)
     for h in range(H):
         for i in range(t):
-            want = direct_picks(q[0, h, i], keys[0, h // G], int(cur[0, h, i]), 2, size, N)
+            want = direct_picks(q[0, h, i], keys[0, h // G], int(cur[0, h, i]), 2, size, N, coarse)
             assert idx[0, h, i][ok[0, h, i]].tolist() == want, (h, i, int(cur[0, h, i]))
 
 
@@ -109,7 +116,18 @@ def test_a_shortlist_of_every_chunk_is_best_key(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_shortlist_names():
+    assert representation_from_name("shortlist") == Shortlist(SubChunks(4, MeanKeys()), 32)
+    assert representation_from_name("shortlist:8") == Shortlist(SubChunks(4, MeanKeys()), 8)
+    assert representation_from_name("shortlist:8:bounds-parts:2") == Shortlist(SubChunks(2, KeyBounds()), 8)
+    assert representation_from_name("shortlist:8:mean") == Shortlist(MeanKeys(), 8)
+
+
 @pytest.mark.parametrize("kwargs,match", [
+    (dict(chunk_repr="shortlist:8:best-key"), "coarse score must be a summary"),
+    (dict(chunk_repr="shortlist:8:shortlist:4"), "coarse score must be a summary"),
+    (dict(chunk_repr="shortlist:8:median"), "unknown chunk_repr 'median'"),
+    (dict(chunk_repr="shortlist:8:bounds-parts:3"), "parts must be a positive integer dividing"),
     (dict(chunk_repr="shortlist:0"), "shortlist size"), (dict(chunk_repr="shortlist:x"), "shortlist size"),
     (dict(chunk_repr="shortlists"), "unknown chunk_repr"),
     (dict(chunk_repr=Shortlist(size=0)), "size must be a positive integer"),

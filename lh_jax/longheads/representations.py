@@ -100,9 +100,13 @@ class KeyBounds:
     def score(self, q_BHtD, reps_BKCX):
         B, H, t, D = q_BHtD.shape
         K = reps_BKCX.shape[1]
-        q = q_BHtD.astype(jnp.float32).reshape(B, K, H // K, t, 1, D)
-        lo, hi = reps_BKCX[..., :D][:, :, None, None], reps_BKCX[..., D:][:, :, None, None]
-        return jnp.sum(jnp.maximum(q * lo, q * hi), axis=-1).reshape(B, H, t, -1)
+        q = q_BHtD.astype(jnp.float32).reshape(B, K, H // K, t, D)
+        # max(q_d·lo_d, q_d·hi_d) is q_d·hi_d where q_d > 0 and q_d·lo_d otherwise: two matmuls
+        # instead of a [.., C, D] product tensor.
+        lo, hi = reps_BKCX[..., :D], reps_BKCX[..., D:]
+        s = (jnp.einsum("BKGtD,BKCD->BKGtC", jnp.maximum(q, 0.0), hi)
+             + jnp.einsum("BKGtD,BKCD->BKGtC", jnp.minimum(q, 0.0), lo))
+        return s.reshape(B, H, t, -1)
 
     def width(self, num_heads, num_kv_heads, head_dim):
         return num_kv_heads, 2 * head_dim
@@ -160,7 +164,8 @@ class Shortlist:
     order; the rest keep their coarse order. Per query: C coarse scores + size·chunk_size key
     products (in prefill computed chunk-major by the dispatch kernel, like attention).
 
-    Names: "shortlist" (coarse "mean-parts:4", 32 chunks), "shortlist:S" (S chunks).
+    Names: "shortlist" (coarse "mean-parts:4", 32 chunks), "shortlist:S" (S chunks),
+    "shortlist:S:COARSE" (any representation name as the coarse score, e.g. "bounds-parts:4").
     """
 
     coarse: Any = SubChunks(4, MeanKeys())
@@ -245,10 +250,16 @@ def representation_from_name(name: str, chunk_size: int | None = None):
     if name in CHUNK_REPRESENTATIONS:
         return CHUNK_REPRESENTATIONS[name]
     if name == "shortlist" or name.startswith("shortlist:"):
-        size = name.partition(":")[2]
+        size, _, coarse = name.partition(":")[2].partition(":")
         if size and not (size.isdigit() and int(size) > 0):
             raise ValueError(f"chunk_repr {name!r}: the shortlist size must be a positive integer")
-        return Shortlist(size=int(size)) if size else Shortlist()
+        if coarse.startswith("shortlist") or coarse == BEST_KEY:
+            raise ValueError(f"chunk_repr {name!r}: the coarse score must be a summary ('mean-parts:4', "
+                             f"'bounds-parts:4', ...), not {coarse!r}")
+        kwargs = {"size": int(size)} if size else {}
+        if coarse:
+            kwargs["coarse"] = representation_from_name(coarse, chunk_size)
+        return Shortlist(**kwargs)
     if name == BEST_KEY:
         if chunk_size is None:
             raise ValueError("chunk_repr 'best-key' needs the chunk size (pass chunk_size)")
