@@ -321,3 +321,14 @@ def cli_error(argv, capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
     return err[0]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """Free each module's compiled XLA programs when it ends. XLA:CPU maps the code of every
+    executable it keeps; over the whole suite in one process that passed the kernel's limit of
+    memory mappings (vm.max_map_count, 65530) and the next compilation aborted the process."""
+    yield
+    import gc
+    jax.clear_caches()
+    gc.collect()
