@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import lh_jax
-from lh_jax.longheads.representations import (CHUNK_REPRESENTATIONS, AttnPooled, KeyBounds, MeanKeys,
-                                              SubChunkPooled, SubChunks, representation_from_name)
+from lh_jax.longheads.representations import (CHUNK_REPRESENTATIONS, AttnPooled, DistinctKeys, KeyBounds,
+                                              MeanKeys, SubChunkPooled, SubChunks, representation_from_name)
 
 
 def _softmax(x):
@@ -115,3 +115,34 @@ def test_attn_parts_is_registered_and_checked():
         lh_jax.LongHeads(chunk_size=36, num_chunks=4, chunk_repr="attn-parts")
     with pytest.raises(ValueError, match="parts"):
         lh_jax.LongHeads(chunk_size=64, num_chunks=4, chunk_repr=SubChunkPooled(0))
+
+
+@pytest.mark.parametrize("r,valid_len", [(1, 16), (4, 16), (16, 16), (4, 10), (8, 3)])
+def test_distinct_keys_score_the_best_of_the_farthest_keys(chunk_data, r, valid_len):
+    """Direct definition: per chunk and kv head, the r valid keys farthest from the mean of the
+    chunk's valid keys; a query scores the chunk by its best product with them."""
+    _, k, _, _, queries = chunk_data
+    valid = np.zeros(k.shape[:3], bool)
+    valid[:, :, :valid_len] = True
+    rep = DistinctKeys(r)
+    got = np.asarray(rep.score(queries, rep.build(None, k, None, valid)))
+    B, C, l, K, D = k.shape
+    H = queries.shape[1]
+    for b in range(B):
+        for c in range(C):
+            for h in range(H):
+                kv = k[b, c, :valid_len, h // (H // K)]
+                far = ((kv - kv.mean(0)) ** 2).sum(-1)
+                chosen = kv[np.argsort(-far, kind="stable")[:r]]
+                want = (queries[b, h] @ chosen.T).max(-1)
+                np.testing.assert_allclose(got[b, h, :, c], want, rtol=1e-5, atol=1e-5)
+
+
+def test_distinct_keys_names_and_checks():
+    assert representation_from_name("distinct-keys") == DistinctKeys(8)
+    assert representation_from_name("distinct-keys:3") == DistinctKeys(3)
+    for bad in ("distinct-keys:0", "distinct-keys:x"):
+        with pytest.raises(ValueError, match="number of keys"):
+            representation_from_name(bad)
+    with pytest.raises(ValueError, match="keys must be an integer from 1 to chunk_size=16"):
+        lh_jax.LongHeads(chunk_size=16, num_chunks=4, chunk_repr="distinct-keys:17")

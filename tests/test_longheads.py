@@ -422,9 +422,10 @@ GROUP = lh(selection="group")
 PARTS = lh(chunk_repr="attn-parts")  # 8 sub-chunks of 4 tokens
 BEST_KEY = lh(chunk_repr="best-key")  # one key per part (mean-parts:32 here): a chunk scores its best key
 SHORTLIST = lh(num_chunks=5, chunk_repr="shortlist:3")  # 3 of the 2..7 candidates re-scored by their best key
+DISTINCT = lh(chunk_repr="distinct-keys:4")  # the 4 keys farthest from their chunk's mean
 
 
-@pytest.mark.parametrize("attention", [LH, BOUNDS, SHORTLIST, lh(num_chunks=13)], ids=label)
+@pytest.mark.parametrize("attention", [LH, BOUNDS, SHORTLIST, DISTINCT, lh(num_chunks=13)], ids=label)
 def test_model_selections_are_well_formed(gqa, attention):
     """T=300 (last chunk partial), 10 chunks: forced chunks present, nothing in the future, sorted,
     exactly min(N, cur+1) distinct chunks, unused slots hold the sentinel (= number of chunks)."""
@@ -449,7 +450,7 @@ def test_model_selections_are_well_formed(gqa, attention):
 
 # --- 5. decode after prefill equals one forward pass -------------------------------------------
 
-@pytest.mark.parametrize("attention", [LH, BOUNDS, ORIGINAL, GROUP, PARTS, BEST_KEY, SHORTLIST], ids=label)
+@pytest.mark.parametrize("attention", [LH, BOUNDS, ORIGINAL, GROUP, PARTS, BEST_KEY, SHORTLIST, DISTINCT], ids=label)
 def test_decode_after_prefill_equals_forward(gqa, attention):
     """Prompt 150 (past dense_length, not a chunk multiple), then 150 teacher-forced decode steps
     across the chunk boundaries 160, 192, ..., 288; each step's logits equal forward()'s."""

@@ -157,6 +157,50 @@ class SubChunks:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistinctKeys:
+    """A chunk's `keys` most distinctive keys: those farthest (Euclidean) from the chunk's mean key,
+    per kv head; a chunk scores the best of them, max_j q·k_j over that subset. The idea: a short
+    needle among filler is where a chunk's keys depart from their average, while a mean over the
+    chunk averages it away. Scoring costs `keys` products per chunk.
+
+    Names: "distinct-keys" (8 keys), "distinct-keys:R".
+    """
+
+    keys: int = 8
+    needs_queries = False
+
+    def check(self, chunk_size: int) -> None:
+        if not isinstance(self.keys, int) or isinstance(self.keys, bool) or not 1 <= self.keys <= chunk_size:
+            raise ValueError(f"chunk_repr DistinctKeys(keys={self.keys!r}): keys must be an integer from 1 "
+                             f"to chunk_size={chunk_size}")
+
+    def build(self, q_loc_BCtHD, k_loc_BCtKD, v_BCtKD, valid_BCt):
+        B, C, l, K, D = k_loc_BCtKD.shape
+        z = valid_BCt[..., None, None]
+        k = jnp.where(z, k_loc_BCtKD, 0).astype(jnp.float32)
+        n = jnp.maximum(jnp.sum(valid_BCt, axis=2), 1).astype(jnp.float32)[:, :, None, None]  # BC11
+        mean = jnp.sum(k, axis=2, keepdims=True) / n[:, :, None]  # BC1KD
+        far = jnp.sum((k - mean) ** 2, axis=-1)  # BCtK
+        far = jnp.where(valid_BCt[..., None], far, -jnp.inf).transpose(0, 1, 3, 2)  # BCKt
+        r = min(self.keys, l)
+        vals, idx = jax.lax.top_k(far, r)  # BCKr
+        picked = jnp.take_along_axis(k.transpose(0, 1, 3, 2, 4), idx[..., None], axis=3)  # BCKrD
+        # fewer valid keys than r (the partial last chunk): repeat the most distant one instead of a pad
+        picked = jnp.where((vals > -jnp.inf)[..., None], picked, picked[:, :, :, :1])
+        if r < self.keys:
+            picked = jnp.concatenate([picked, jnp.repeat(picked[:, :, :, :1], self.keys - r, axis=3)], axis=3)
+        return picked.transpose(0, 2, 1, 3, 4).reshape(B, K, C, self.keys * D)  # BKC(rD)
+
+    def score(self, q_BHtD, reps_BKCX):
+        B, K, C, X = reps_BKCX.shape
+        s = MeanKeys().score(q_BHtD, reps_BKCX.reshape(B, K, C * self.keys, X // self.keys))  # B H t (C·r)
+        return jnp.max(s.reshape(s.shape[:-1] + (C, self.keys)), axis=-1)
+
+    def width(self, num_heads, num_kv_heads, head_dim):
+        return num_kv_heads, self.keys * head_dim
+
+
+@dataclasses.dataclass(frozen=True)
 class Shortlist:
     """Coarse to fine, at a cost linear in the context. `coarse` scores every chunk; each query's
     `size` best candidate chunks by it (its shortlist) are re-scored by their best single key,
@@ -260,6 +304,11 @@ def representation_from_name(name: str, chunk_size: int | None = None):
         if coarse:
             kwargs["coarse"] = representation_from_name(coarse, chunk_size)
         return Shortlist(**kwargs)
+    if name == "distinct-keys" or name.startswith("distinct-keys:"):
+        keys = name.partition(":")[2]
+        if keys and not (keys.isdigit() and int(keys) > 0):
+            raise ValueError(f"chunk_repr {name!r}: the number of keys must be a positive integer")
+        return DistinctKeys(int(keys)) if keys else DistinctKeys()
     if name == BEST_KEY:
         if chunk_size is None:
             raise ValueError("chunk_repr 'best-key' needs the chunk size (pass chunk_size)")
@@ -268,7 +317,7 @@ def representation_from_name(name: str, chunk_size: int | None = None):
     if sep and base.endswith("-parts") and base in CHUNK_REPRESENTATIONS and parts.isdigit() and int(parts) > 0:
         return dataclasses.replace(CHUNK_REPRESENTATIONS[base], parts=int(parts))
     raise ValueError(f"unknown chunk_repr {name!r}; choose one of {sorted(CHUNK_REPRESENTATIONS) + [BEST_KEY]}, "
-                     "'shortlist[:S]', '<base>-parts:P' with P a positive integer (e.g. 'attn-parts:16'), "
+                     "'shortlist[:S[:COARSE]]', 'distinct-keys[:R]', '<base>-parts:P' with P a positive integer (e.g. 'attn-parts:16'), "
                      "or pass an object with build/score/width")
 
 
