@@ -43,7 +43,7 @@ class LhJaxLM(TemplateLM):
     def __init__(self, pretrained: str = "default", attention="full", dtype: str = "float32",
                  max_gen_toks: int = 256, revision: str | None = None, **unused):
         super().__init__()
-        if not isinstance(max_gen_toks, int) and not str(max_gen_toks).isdigit():
+        if not str(max_gen_toks).isdigit() or int(max_gen_toks) < 1:
             raise ValueError(f"max_gen_toks must be a positive integer, got {max_gen_toks!r}")
         self.max_gen_toks = int(max_gen_toks)
         spec = MethodSpec.parse(attention) if isinstance(attention, str) else None  # errors before loading

@@ -131,6 +131,9 @@ def test_bad_attention_fails_before_loading(setup, tmp_path):
     import lh_jax.lm_eval as adapter
     with pytest.raises(ValueError, match="unknown method 'warp'"):
         adapter.LhJaxLM(str(tmp_path / "nothing here"), attention="warp")
+    for bad in (0, "0", "x", -3):
+        with pytest.raises(ValueError, match="max_gen_toks must be a positive integer"):
+            adapter.LhJaxLM(str(tmp_path / "nothing here"), max_gen_toks=bad)
 
 
 def test_command_line(setup, tmp_path):
