@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lh_jax.longheads.selection import Selection, distances, select
+from lh_jax.longheads.selection import Selection, distances, select, select_with_memory
 from lh_jax.models import softmax
 from lh_jax.models.attention import AttentionContext, attend_stats, group_heads, ungroup_heads
 from lh_jax.models.rope import rotate
@@ -129,11 +129,16 @@ def decode_step(settings, q, k, v, rope, ctx: AttentionContext, cache):
     else:
         dense_row, force_prev = pos < settings.dense_length, jnp.ones_like(pos, bool)
     keys = None
-    if getattr(settings.representation, "needs_keys", False):  # the own chunk is forced, never read here
-        keys = cache["k"].reshape(B, K, C, l, D)
-    sel = select(settings, q[:, 0].astype(jnp.float32)[:, :, None, :], reps, cur[:, None, None], K,
-                 force_prev[:, None, None], keys=keys)
+    if settings.exact_tail or getattr(settings.representation, "needs_keys", False):
+        keys = cache["k"].reshape(B, K, C, l, D)  # the own chunk is forced, never read here
+    query = q[:, 0].astype(jnp.float32)[:, :, None, :]
+    if settings.exact_tail:
+        sel = select_with_memory(settings, query, reps, cur[:, None, None], K, force_prev[:, None, None], keys,
+                                 cache["memory"][:, :, None])
+    else:
+        sel = select(settings, query, reps, cur[:, None, None], K, force_prev[:, None, None], keys=keys)
     sel = Selection(sel.chunks[:, :, 0], sel.valid[:, :, 0])  # B H N
+    memory = sel.chunks  # the next step's candidates (exact_tail)
     dist = distances(settings, sel, jnp.broadcast_to(cur[:, None], (B, H)), jnp.broadcast_to(offset[:, None], (B, H)))
     # A dense row (pos < dense_length <= window) has at most N chunks behind it: it is a selective
     # row whose selection is all of them at their true distances, so one path serves both. A dense
@@ -154,5 +159,7 @@ def decode_step(settings, q, k, v, rope, ctx: AttentionContext, cache):
                         out)
     writes = {"pos": pos, "k": k_loc.transpose(0, 2, 1, 3), "v": v.transpose(0, 2, 1, 3),
               "reps": own_rep, "q": q_loc.transpose(0, 2, 1, 3)}
+    if settings.exact_tail:
+        writes["memory"] = memory
     aux = {"selected": jnp.where(dense_row[:, None, None], -1, sel.chunks)} if settings.record_selection else None
     return out.astype(q.dtype), writes, aux

@@ -254,8 +254,29 @@ def shortlist_scores(settings, q_BHSD, reps, k_loc_BKSD, first_chunk: int, num_k
     return fine
 
 
+def _exact_tail(settings, q_BHSD, k_loc_BKSD, length_B, first_chunk: int, num_kv_heads: int, blocks):
+    """Re-select the query blocks that hold each row's last `settings.exact_tail` prompt tokens by
+    the exact best-key score of every chunk (`best_key_scores`), replacing those blocks' entries in
+    the per-block (picks, valid, earlier, counts) [n_blocks, B, ...] of `_over_blocks`."""
+    B, H, S, D = q_BHSD.shape
+    l = settings.chunk_size
+    C = S // l
+    n_blocks = C - first_chunk
+    keys = k_loc_BKSD.reshape(B, num_kv_heads, C, l, D)
+    last = (jnp.maximum(length_B, 1) - 1) // l  # B: the block of each row's last token
+    batch = jnp.arange(B)
+    out = list(blocks)
+    for j in range(min(n_blocks, -(-settings.exact_tail // l) + 1)):
+        i = jnp.clip(last - j, first_chunk, C - 1)  # B (a clipped repeat rewrites the same block)
+        q = jax.vmap(lambda x, s: jax.lax.dynamic_slice_in_dim(x, s * l, l, axis=1))(q_BHSD, i)  # B H l D
+        sel = select(settings, q, None, i[:, None, None], num_kv_heads, keys=keys, exact=True)
+        new = _picks_and_counts(sel.chunks, sel.valid, C, C)
+        out = [x.at[i - first_chunk, batch].set(y) for x, y in zip(out, new)]
+    return tuple(out)
+
+
 def plan(settings, q_BHSD, q_loc_BHSD, reps, rope, seq_len, first_chunk: int, num_kv_heads: int,
-         k_loc_BKSD=None) -> DispatchPlan:
+         k_loc_BKSD=None, length_B=None) -> DispatchPlan:
     """Select, then schedule the selected entries chunk-major in tiles (see DispatchPlan).
     q: the un-rotated queries of the whole (padded) prompt, q_loc: rotated by in-chunk offsets;
     k_loc: the keys rotated by in-chunk offsets (for representations that read keys)."""
@@ -275,7 +296,11 @@ def plan(settings, q_BHSD, q_loc_BHSD, reps, rope, seq_len, first_chunk: int, nu
         sel = select(settings, q, reps[:, :, :width], i, K, fine=f)
         return _picks_and_counts(sel.chunks, sel.valid, width, C)
 
-    chunks, valid, earlier, counts = _over_blocks(settings, S, first_chunk, block)
+    blocks = _over_blocks(settings, S, first_chunk, block)
+    if settings.exact_tail:
+        length_B = jnp.full((B,), S, jnp.int32) if length_B is None else length_B
+        blocks = _exact_tail(settings, q_BHSD, k_loc_BKSD, length_B, first_chunk, K, blocks)
+    chunks, valid, earlier, counts = blocks
     chunks, valid, earlier = (_by_query(x, B, H) for x in (chunks, valid, earlier))
     N = chunks.shape[-1]
     sched = schedule(chunks, valid, earlier, counts, K, l, settings.kernel.tile_rows)

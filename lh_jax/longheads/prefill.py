@@ -103,13 +103,17 @@ def prefill(settings, q, k, v, rope, ctx: AttentionContext, with_cache: bool):
                            chunk_major(seq.v, l), seq.valid.reshape(B, S // l, l))
     dense_end = min(settings.dense_length, S)
     outs, aux = [], None
+    memory = jnp.zeros((B, H, settings.num_chunks), jnp.int32)  # no pick (a dense prompt)
     if dense_end > 0:
         outs.append(dense_prefix(seq, rope, dense_end).astype(q.dtype))
     if dense_end < S:
         first = (dense_end // l) * l  # selective queries start at a chunk boundary
         plan = dispatch.plan(settings, seq.q, seq.q_loc, reps, rope, seq.seq_len, first // l, seq.k.shape[1],
-                             seq.k_loc)
+                             seq.k_loc, seq.length)
         selective = dispatch.run(plan, seq.k_loc, seq.v, settings)
+        last = jnp.clip(seq.length - 1 - first, 0, None)  # the last token's picks seed decode's memory
+        picked = jnp.take_along_axis(plan.selection.chunks, last[:, None, None, None], axis=2)[:, :, 0]
+        memory = jnp.where((seq.length - 1 >= dense_end)[:, None, None], picked, memory)
         outs.append(selective[:, dense_end - first:].astype(q.dtype))
         if settings.record_selection:
             aux = {"selected": plan.selection.chunks}  # [B, H, S - first, N], positions first..S-1
@@ -124,4 +128,7 @@ def prefill(settings, q, k, v, rope, ctx: AttentionContext, with_cache: bool):
     qbuf = jnp.take_along_axis(q_chunks, last_chunk[:, None, None, None, None], axis=2)[:, :, 0]
     if not settings.representation.needs_queries:
         qbuf = qbuf[:, :, :0]
-    return out, {"k": seq.k_loc, "v": seq.v, "reps": reps, "qbuf": qbuf}, aux
+    writes = {"k": seq.k_loc, "v": seq.v, "reps": reps, "qbuf": qbuf}
+    if settings.exact_tail:
+        writes["memory"] = memory
+    return out, writes, aux

@@ -113,14 +113,38 @@ class Selection(NamedTuple):
     valid: jax.Array
 
 
-def chunk_scores(settings, q_BHtD, reps, num_kv_heads: int, cur=None, keys=None, fine=None):
+def best_key_scores(q_BHtD, keys_BKClD, chunks_per_step: int = 64):
+    """max_j q·k_j over every chunk's keys, [B, H, t, C] float32: the exact best-key score of every
+    chunk (the keys rotated by their in-chunk offsets, the queries un-rotated). Computed
+    `chunks_per_step` chunks at a time, so the [t, l] products of all chunks never coexist."""
+    B, H, t, D = q_BHtD.shape
+    _, K, C, l, _ = keys_BKClD.shape
+    q = q_BHtD.reshape(B, K, H // K, t, D)
+    step = max(1, min(C, chunks_per_step))
+    n = -(-C // step)
+    keys = jnp.pad(keys_BKClD, ((0, 0), (0, 0), (0, n * step - C), (0, 0), (0, 0)))
+    keys = jnp.moveaxis(keys.reshape(B, K, n, step, l, D), 2, 0)  # n B K step l D
+
+    def part(k):
+        s = jnp.einsum("BKGtD,BKClD->BKGtCl", q.astype(k.dtype), k, preferred_element_type=jnp.float32)
+        return s.max(-1)  # B K G t step
+
+    s = jax.lax.map(part, keys)  # n B K G t step
+    s = jnp.moveaxis(s, 0, 4).reshape(B, K, H // K, t, n * step)[..., :C]
+    return s.reshape(B, H, t, C)
+
+
+def chunk_scores(settings, q_BHtD, reps, num_kv_heads: int, cur=None, keys=None, fine=None, exact=False):
     """Scores [B, H, t, C] of every chunk for each (un-rotated) query; with selection="group" the
     query heads of a kv head share the sum of their scores. A representation with `needs_keys`
     (a `Shortlist`) also gets the queries' own chunks `cur` [B, H, t] and the chunks' keys
     [B, K, C, l, D], or instead `fine` [B, H, t, S]: its shortlist's fine scores, computed already
-    (the prefill kernel computes them chunk-major)."""
+    (the prefill kernel computes them chunk-major). exact: score every chunk by its best key
+    instead (`best_key_scores`, reading `keys`), whatever the representation."""
     representation = settings.representation
-    if fine is not None:
+    if exact:
+        s = best_key_scores(q_BHtD, keys)
+    elif fine is not None:
         ids, ok, coarse = representation.shortlist(q_BHtD, reps, cur)
         s = representation.combine(coarse, ids, ok, fine)
     elif getattr(representation, "needs_keys", False):
@@ -135,13 +159,42 @@ def chunk_scores(settings, q_BHtD, reps, num_kv_heads: int, cur=None, keys=None,
     return s
 
 
-def select(settings, q_BHtD, reps, cur, num_kv_heads: int, force_prev=True, keys=None, fine=None) -> Selection:
+def select(settings, q_BHtD, reps, cur, num_kv_heads: int, force_prev=True, keys=None, fine=None,
+           exact=False) -> Selection:
     """The chunks each (head, query) attends to: representation scores, then the selector.
     cur [B, H, t] (or broadcastable): the query's own chunk; keys [B, K, C, l, D]: the chunks' keys
     (rotated by their in-chunk offsets), for representations that read them."""
     B, H, t, _ = q_BHtD.shape
     cur = jnp.broadcast_to(jnp.asarray(cur, jnp.int32), (B, H, t))
-    scores = chunk_scores(settings, q_BHtD, reps, num_kv_heads, cur, keys, fine)
+    scores = chunk_scores(settings, q_BHtD, reps, num_kv_heads, cur, keys, fine, exact)
+    force_prev = jnp.broadcast_to(jnp.asarray(force_prev, bool), cur.shape)
+    return Selection(*settings.selector_fn(scores, cur, settings.num_chunks, force_prev))
+
+
+def select_with_memory(settings, q_BHtD, reps, cur, num_kv_heads: int, force_prev, keys, memory) -> Selection:
+    """The decode selection of an `exact_tail` setting, at a cost that does not grow with the
+    context beyond one representation score per chunk: the candidates are the `num_chunks` best by
+    the representation plus `memory` [B, H, t, N] (the chunks this head picked at the previous
+    token: the prompt's last token, picked by `best_key_scores` over every chunk, seeds it); each
+    candidate is re-scored by its best key, and the candidates rank above all other chunks by that
+    score (`Shortlist.combine`). keys [B, K, C, l, D]."""
+    from lh_jax.longheads.representations import Shortlist
+    B, H, t, _ = q_BHtD.shape
+    cur = jnp.broadcast_to(jnp.asarray(cur, jnp.int32), (B, H, t))
+    representation = settings.representation
+    coarse = getattr(representation, "coarse", representation).score(q_BHtD, reps)  # a Shortlist's coarse
+    C = coarse.shape[-1]
+    c = jnp.arange(C, dtype=jnp.int32)
+    free = (c >= 1) & (c <= cur[..., None] - 2)
+    vals, best = jax.lax.top_k(jnp.where(free, coarse, NEG_INF), min(settings.num_chunks, C))
+    ids = jnp.concatenate([best.astype(jnp.int32), memory.astype(jnp.int32)], axis=-1)
+    ok = jnp.concatenate([vals > NEG_INF, (memory >= 1) & (memory <= cur[..., None] - 2)], axis=-1)
+    ids = jnp.where(ok, ids, 0)
+    scores = Shortlist.combine(coarse, ids, ok, Shortlist.fine_scores(q_BHtD, ids, keys))
+    if settings.selection == "group":
+        K = num_kv_heads
+        scores = scores.reshape(B, K, H // K, t, C).sum(2, keepdims=True)
+        scores = jnp.broadcast_to(scores, (B, K, H // K, t, C)).reshape(B, H, t, C)
     force_prev = jnp.broadcast_to(jnp.asarray(force_prev, bool), cur.shape)
     return Selection(*settings.selector_fn(scores, cur, settings.num_chunks, force_prev))
 

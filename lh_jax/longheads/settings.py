@@ -66,6 +66,9 @@ class LongHeads:
     reference: reproduce the authors' released code, defects included (README, "reference mode").
     kernel: the prefill kernel's knobs (`Dispatch`); speed only.
     record_selection: also return the selected chunks as per-layer aux output (diagnostics).
+    exact_tail: the query blocks holding the prompt's last `exact_tail` tokens score every chunk by
+      its best key (max_j q·k_j, exact) instead of by the representation, and so does decode, among
+      a bounded set of candidates (see `selection.select_with_memory`). 0: off (the paper).
     """
 
     chunk_size: int = 256
@@ -78,6 +81,7 @@ class LongHeads:
     reference: bool = False
     kernel: Dispatch = Dispatch()
     record_selection: bool = False
+    exact_tail: int = 0
 
     def __post_init__(self):
         _check_positive("LongHeads", "chunk_size", self.chunk_size)
@@ -85,6 +89,8 @@ class LongHeads:
         if self.num_chunks < 3:
             raise ValueError(f"LongHeads: num_chunks={self.num_chunks} is too small to hold the 3 forced "
                              "chunks (first, previous, current); use num_chunks >= 3")
+        if not isinstance(self.exact_tail, int) or isinstance(self.exact_tail, bool) or self.exact_tail < 0:
+            raise ValueError(f"LongHeads: exact_tail must be a non-negative integer, got {self.exact_tail!r}")
         if self.dense_length is None:
             object.__setattr__(self, "dense_length", self.window)
         if not isinstance(self.dense_length, int) or isinstance(self.dense_length, bool) or self.dense_length < 0:
@@ -180,13 +186,18 @@ class LongHeads:
         """One layer's cache, indexed by token position (so left-padded rows keep their chunk
         boundaries): keys rotated by their in-chunk offset "k" [B, K, S, D], values "v"
         [B, K, S, D], chunk representations "reps" [B, R, C, X] float32, and the queries of the
-        chunk being filled "qbuf" [B, H, l, D] (empty when the representation needs none)."""
+        chunk being filled "qbuf" [B, H, l, D] (empty when the representation needs none); with
+        `exact_tail`, also "memory" [B, H, N] int32: the chunks each head picked at the last token
+        (decode's candidates beside the representation's best)."""
         slots = -(-capacity // self.chunk_size) * self.chunk_size
         R, X = self.representation.width(config.num_heads, config.num_kv_heads, config.head_dim)
         K, D, H, l = config.num_kv_heads, config.head_dim, config.num_heads, self.chunk_size
-        return {"k": jnp.zeros((batch, K, slots, D), dtype), "v": jnp.zeros((batch, K, slots, D), dtype),
-                "reps": jnp.zeros((batch, R, slots // l, X), jnp.float32),
-                "qbuf": jnp.zeros((batch, H, l if self.representation.needs_queries else 0, D), dtype)}
+        cache = {"k": jnp.zeros((batch, K, slots, D), dtype), "v": jnp.zeros((batch, K, slots, D), dtype),
+                 "reps": jnp.zeros((batch, R, slots // l, X), jnp.float32),
+                 "qbuf": jnp.zeros((batch, H, l if self.representation.needs_queries else 0, D), dtype)}
+        if self.exact_tail:
+            cache["memory"] = jnp.zeros((batch, H, self.num_chunks), jnp.int32)
+        return cache
 
     def write_cache(self, cache, writes, ctx: AttentionContext):
         """Apply one call's writes to a stacked cache (leading layer axis): a prefill's whole arrays
@@ -196,6 +207,8 @@ class LongHeads:
                                                               0, axis=3)
                    for name in ("k", "v", "reps")}
             out["qbuf"] = writes["qbuf"].astype(cache["qbuf"].dtype)
+            if "memory" in cache:
+                out["memory"] = writes["memory"]
             return out
         pos = writes["pos"][0]  # [B] (the same in every layer)
 
@@ -207,6 +220,8 @@ class LongHeads:
                "v": put(cache["v"], writes["v"].astype(cache["v"].dtype), pos),
                "reps": put(cache["reps"], writes["reps"], pos // self.chunk_size),
                "qbuf": cache["qbuf"]}
+        if "memory" in cache:
+            out["memory"] = writes["memory"]
         if cache["qbuf"].shape[3]:
             out["qbuf"] = put(cache["qbuf"], writes["q"].astype(cache["qbuf"].dtype), pos % self.chunk_size)
         return out
