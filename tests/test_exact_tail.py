@@ -136,6 +136,7 @@ def test_decode_memory_starts_from_the_prompts_last_token(gqa):
     (dict(exact_tail=-1), "exact_tail must be a non-negative integer"),
     (dict(exact_tail=2.5), "exact_tail must be a non-negative integer"),
     (dict(exact_tail=True), "exact_tail must be a non-negative integer"),
+    (dict(exact_tail=64, reference=True, dense_length=64), "reproduces the released code"),
 ])
 def test_bad_exact_tail_fails_at_construction(kwargs, match):
     with nothing_compiles(), pytest.raises(ValueError, match=match):

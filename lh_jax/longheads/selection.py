@@ -168,7 +168,8 @@ def select(settings, q_BHtD, reps, cur, num_kv_heads: int, force_prev=True, keys
     cur = jnp.broadcast_to(jnp.asarray(cur, jnp.int32), (B, H, t))
     scores = chunk_scores(settings, q_BHtD, reps, num_kv_heads, cur, keys, fine, exact)
     force_prev = jnp.broadcast_to(jnp.asarray(force_prev, bool), cur.shape)
-    return Selection(*settings.selector_fn(scores, cur, settings.num_chunks, force_prev))
+    fn = select_chunks if (exact and settings.selector == "recent") else settings.selector_fn
+    return Selection(*fn(scores, cur, settings.num_chunks, force_prev))
 
 
 def select_with_memory(settings, q_BHtD, reps, cur, num_kv_heads: int, force_prev, keys, memory) -> Selection:
@@ -196,7 +197,8 @@ def select_with_memory(settings, q_BHtD, reps, cur, num_kv_heads: int, force_pre
         scores = scores.reshape(B, K, H // K, t, C).sum(2, keepdims=True)
         scores = jnp.broadcast_to(scores, (B, K, H // K, t, C)).reshape(B, H, t, C)
     force_prev = jnp.broadcast_to(jnp.asarray(force_prev, bool), cur.shape)
-    return Selection(*settings.selector_fn(scores, cur, settings.num_chunks, force_prev))
+    fn = select_chunks if settings.selector == "recent" else settings.selector_fn
+    return Selection(*fn(scores, cur, settings.num_chunks, force_prev))
 
 
 def distances(settings, sel: Selection, cur, offset):

@@ -125,15 +125,16 @@ class LongHeads:
                              f"(num_chunks - 1) * chunk_size = {(self.num_chunks - 1) * self.chunk_size}; below "
                              "that the released code selects masked future chunks")
         if (self.chunk_repr != "attn" or self.positions != "remap" or self.selection != "head"
-                or self.selector != "topk"):
+                or self.selector != "topk" or self.exact_tail):
             raise ValueError("LongHeads(reference=True) reproduces the released code: use the default "
-                             "chunk_repr='attn', positions='remap', selection='head', selector='topk'")
+                             "chunk_repr='attn', positions='remap', selection='head', selector='topk', exact_tail=0")
 
     @classmethod
     def recommended(cls, **overrides) -> "LongHeads":
         """This project's setting for retrieval beyond the trained length (a 4096-token window), as
         opposed to `LongHeads()`, the paper's. See README, "Which setting"."""
-        return cls(**{"chunk_size": 128, "num_chunks": 32, "chunk_repr": "best-key", **overrides})
+        return cls(**{"chunk_size": 128, "num_chunks": 32, "chunk_repr": "mean-parts:4", "exact_tail": 256,
+                      **overrides})
 
     # --- derived settings ------------------------------------------------------------------------
 
