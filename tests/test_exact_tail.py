@@ -15,8 +15,8 @@ from lh_jax.longheads import LongHeads
 from lh_jax.longheads.representations import MeanKeys
 from lh_jax.longheads.selection import best_key_scores, select_with_memory
 from lh_jax.methods import MethodSpec
-from test_longheads import (IDS, T_LONG, TOL, forced_decode, fwd, gqa, left_pad, lh, max_err, models,  # noqa: F401 (fixtures)
-                            rand_ids, run_forward)
+from test_longheads import (IDS, T_LONG, TOL, assert_batch_equals_rows_alone, forced_decode, gqa, lh,  # noqa: F401
+                            max_err, models, run_forward)
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 L, N0 = 32, 4  # the test_longheads workhorse: 32-token chunks, 4 attended, dense up to 64 tokens
@@ -101,12 +101,7 @@ def test_a_tail_over_the_whole_prompt_is_best_key(gqa):
 
 
 def test_the_tail_is_each_rows_own_in_a_left_padded_batch(gqa):
-    attention = lh(exact_tail=40)
-    rows = [IDS[0], rand_ids((190,), seed=17)]
-    ids, mask = left_pad(rows)
-    batch = fwd(gqa, ids, attention, attention_mask=mask)
-    for i, p in enumerate(rows):
-        assert max_err(batch[i, T_LONG - len(p):], fwd(gqa, p[None], attention)[0]) <= TOL, f"row {i}"
+    assert_batch_equals_rows_alone(gqa, lh(exact_tail=40))
 
 
 def test_decode_with_candidates_covering_every_chunk_is_best_key(gqa):

@@ -563,12 +563,17 @@ def test_left_padded_batch_forward(gqa):
         assert max_err(case["logits"][i, T_LONG - len(p):], alone[i]) <= TOL, f"row {i}"
 
 
-def test_left_padded_shortlist_batch_equals_rows_alone(gqa):
+def assert_batch_equals_rows_alone(m, attention):
+    """A left-padded batch of a 300- and a 190-token row: each row's logits equal the row's alone."""
     rows = [IDS[0], rand_ids((190,), seed=17)]
     ids, mask = left_pad(rows)
-    batch = fwd(gqa, ids, SHORTLIST, attention_mask=mask)
+    batch = fwd(m, ids, attention, attention_mask=mask)
     for i, p in enumerate(rows):
-        assert max_err(batch[i, T_LONG - len(p):], fwd(gqa, p[None], SHORTLIST)[0]) <= TOL, f"row {i}"
+        assert max_err(batch[i, T_LONG - len(p):], fwd(m, p[None], attention)[0]) <= TOL, f"row {i}"
+
+
+def test_left_padded_shortlist_batch_equals_rows_alone(gqa):
+    assert_batch_equals_rows_alone(gqa, SHORTLIST)
 
 
 def test_left_padded_batch_generate(gqa):
