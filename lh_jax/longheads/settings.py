@@ -68,7 +68,8 @@ class LongHeads:
     record_selection: also return the selected chunks as per-layer aux output (diagnostics).
     exact_tail: the query blocks holding the prompt's last `exact_tail` tokens score every chunk by
       its best key (max_j q·k_j, exact) instead of by the representation, and so does decode, among
-      a bounded set of candidates (see `selection.select_with_memory`). 0: off (the paper).
+      a bounded set of candidates (see `selection.select_with_memory`). 0: off (the paper). With
+      selector="recent" (a sliding window for the rest) the exact picks use "topk".
     """
 
     chunk_size: int = 256
