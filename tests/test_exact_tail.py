@@ -144,3 +144,13 @@ def test_tail_option_in_the_method_grammar():
     for bad in ("longheads:128x32/tail=x", "longheads:128x32/tail=-3", "sliding:128x32/tail=4"):
         with nothing_compiles(), pytest.raises(ValueError, match="tail="):
             MethodSpec(bad)
+
+
+def test_a_sliding_window_with_an_exact_tail_retrieves_in_the_tail(gqa):
+    """selector="recent" keeps the recent chunks for the bulk; the tail's picks are top-k by best key."""
+    _, tail = run_forward(gqa, lh(exact_tail=40, selector="recent"))
+    _, recent = run_forward(gqa, lh(selector="recent"))
+    _, best = run_forward(gqa, lh(chunk_repr="best-key"))
+    tail_from = ((T_LONG - 1) // L - 2) * L - FIRST
+    np.testing.assert_array_equal(tail[0, :, :, :tail_from], recent[0, :, :, :tail_from])
+    np.testing.assert_array_equal(tail[0, :, :, tail_from:], best[0, :, :, tail_from:])
