@@ -151,12 +151,25 @@ def chunk_scores(settings, q_BHtD, reps, num_kv_heads: int, cur=None, keys=None,
         s = representation.score(q_BHtD, reps, cur, keys)
     else:
         s = representation.score(q_BHtD, reps)
-    if settings.selection == "group":
-        B, H, t, C = s.shape
-        K = num_kv_heads
-        s = s.reshape(B, K, H // K, t, C).sum(2, keepdims=True)
-        s = jnp.broadcast_to(s, (B, K, H // K, t, C)).reshape(B, H, t, C)
-    return s
+    return _shared_by_group(settings, s, num_kv_heads)
+
+
+def _shared_by_group(settings, s, num_kv_heads: int):
+    """With selection="group", every query head of a kv head gets the sum of their scores."""
+    if settings.selection != "group":
+        return s
+    B, H, t, C = s.shape
+    K = num_kv_heads
+    s = s.reshape(B, K, H // K, t, C).sum(2, keepdims=True)
+    return jnp.broadcast_to(s, (B, K, H // K, t, C)).reshape(B, H, t, C)
+
+
+def _pick(settings, scores, cur, force_prev, exact: bool) -> Selection:
+    """The selector over `scores`; exact scores rank by top-k even when the bulk's selector is
+    "recent" (a sliding window with an exact tail)."""
+    force_prev = jnp.broadcast_to(jnp.asarray(force_prev, bool), cur.shape)
+    fn = select_chunks if (exact and settings.selector == "recent") else settings.selector_fn
+    return Selection(*fn(scores, cur, settings.num_chunks, force_prev))
 
 
 def select(settings, q_BHtD, reps, cur, num_kv_heads: int, force_prev=True, keys=None, fine=None,
@@ -166,10 +179,8 @@ def select(settings, q_BHtD, reps, cur, num_kv_heads: int, force_prev=True, keys
     (rotated by their in-chunk offsets), for representations that read them."""
     B, H, t, _ = q_BHtD.shape
     cur = jnp.broadcast_to(jnp.asarray(cur, jnp.int32), (B, H, t))
-    scores = chunk_scores(settings, q_BHtD, reps, num_kv_heads, cur, keys, fine, exact)
-    force_prev = jnp.broadcast_to(jnp.asarray(force_prev, bool), cur.shape)
-    fn = select_chunks if (exact and settings.selector == "recent") else settings.selector_fn
-    return Selection(*fn(scores, cur, settings.num_chunks, force_prev))
+    return _pick(settings, chunk_scores(settings, q_BHtD, reps, num_kv_heads, cur, keys, fine, exact), cur,
+                 force_prev, exact)
 
 
 def select_with_memory(settings, q_BHtD, reps, cur, num_kv_heads: int, force_prev, keys, memory) -> Selection:
@@ -192,13 +203,7 @@ def select_with_memory(settings, q_BHtD, reps, cur, num_kv_heads: int, force_pre
     ok = jnp.concatenate([vals > NEG_INF, (memory >= 1) & (memory <= cur[..., None] - 2)], axis=-1)
     ids = jnp.where(ok, ids, 0)
     scores = Shortlist.combine(coarse, ids, ok, Shortlist.fine_scores(q_BHtD, ids, keys))
-    if settings.selection == "group":
-        K = num_kv_heads
-        scores = scores.reshape(B, K, H // K, t, C).sum(2, keepdims=True)
-        scores = jnp.broadcast_to(scores, (B, K, H // K, t, C)).reshape(B, H, t, C)
-    force_prev = jnp.broadcast_to(jnp.asarray(force_prev, bool), cur.shape)
-    fn = select_chunks if settings.selector == "recent" else settings.selector_fn
-    return Selection(*fn(scores, cur, settings.num_chunks, force_prev))
+    return _pick(settings, _shared_by_group(settings, scores, num_kv_heads), cur, force_prev, exact=True)
 
 
 def distances(settings, sel: Selection, cur, offset):
