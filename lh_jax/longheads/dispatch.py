@@ -256,22 +256,28 @@ def shortlist_scores(settings, q_BHSD, reps, k_loc_BKSD, first_chunk: int, num_k
 
 def _exact_tail(settings, q_BHSD, k_loc_BKSD, length_B, first_chunk: int, num_kv_heads: int, blocks):
     """Re-select the query blocks that hold each row's last `settings.exact_tail` prompt tokens by
-    the exact best-key score of every chunk (`best_key_scores`), replacing those blocks' entries in
-    the per-block (picks, valid, earlier, counts) [n_blocks, B, ...] of `_over_blocks`."""
+    the exact best-key score of every chunk (`best_key_scores`, all those blocks in one pass),
+    replacing those blocks' entries in the per-block (picks, valid, earlier, counts)
+    [n_blocks, B, ...] of `_over_blocks`."""
     B, H, S, D = q_BHSD.shape
     l = settings.chunk_size
     C = S // l
     n_blocks = C - first_chunk
     keys = k_loc_BKSD.reshape(B, num_kv_heads, C, l, D)
     last = (jnp.maximum(length_B, 1) - 1) // l  # B: the block of each row's last token
+    n = min(n_blocks, -(-settings.exact_tail // l) + 1)
+    # the tail's blocks, last first (a clipped repeat rewrites the same block with the same picks)
+    block = jnp.clip(last[:, None] - jnp.arange(n)[None, :], first_chunk, C - 1)  # B n
+    q = q_BHSD.reshape(B, H, C, l, D)[jnp.arange(B)[:, None], :, block]  # B n H l D
+    q = q.transpose(0, 2, 1, 3, 4).reshape(B, H, n * l, D)
+    cur = jnp.repeat(block, l, axis=1)[:, None]  # B 1 n·l
+    sel = select(settings, q, None, cur, num_kv_heads, keys=keys, exact=True)
+    chunks, valid = (x.reshape(B, H, n, l, -1) for x in sel)
     batch = jnp.arange(B)
     out = list(blocks)
-    for j in range(min(n_blocks, -(-settings.exact_tail // l) + 1)):
-        i = jnp.clip(last - j, first_chunk, C - 1)  # B (a clipped repeat rewrites the same block)
-        q = jax.vmap(lambda x, s: jax.lax.dynamic_slice_in_dim(x, s * l, l, axis=1))(q_BHSD, i)  # B H l D
-        sel = select(settings, q, None, i[:, None, None], num_kv_heads, keys=keys, exact=True)
-        new = _picks_and_counts(sel.chunks, sel.valid, C, C)
-        out = [x.at[i - first_chunk, batch].set(y) for x, y in zip(out, new)]
+    for j in range(n):
+        new = _picks_and_counts(chunks[:, :, j], valid[:, :, j], C, C)
+        out = [x.at[block[:, j] - first_chunk, batch].set(y) for x, y in zip(out, new)]
     return tuple(out)
 
 
@@ -381,6 +387,9 @@ def run(plan: DispatchPlan, k_loc_BKSD, v_BKSD, settings):
     def steps(x):  # B K ... -> K/Kstep B Kstep ...
         return jnp.moveaxis(x.reshape(B, K // Kstep, Kstep, *x.shape[2:]), 1, 0)
 
+    import os
+    if os.environ.get("LH_BF16"):
+        k_loc_BKSD, v_BKSD = k_loc_BKSD.astype(jnp.bfloat16), v_BKSD.astype(jnp.bfloat16)
     out = jax.lax.map(heads, (steps(k_loc_BKSD.reshape(B, K, C, l, D)), steps(v_BKSD.reshape(B, K, C, l, D)),
                               steps(queries), steps(plan.row), steps(plan.rotation_row), steps(plan.visible),
                               steps(plan.tile_chunk), plan.num_tiles.reshape(K // Kstep, Kstep).max(-1)))
