@@ -5,7 +5,7 @@ setup:
 
 # The test suite (CPU).
 test: setup
-	.venv/bin/python -m pytest -q tests
+	.venv/bin/python -m pytest -q --durations=20 tests
 
 # The main job: generation, then passkey retrieval beyond the trained length (8k) with full
 # attention vs LongHeads.recommended() (a 4096-token window) at 4k and 16k tokens, 2 depths x 1

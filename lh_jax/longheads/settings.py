@@ -134,7 +134,7 @@ class LongHeads:
     def recommended(cls, **overrides) -> "LongHeads":
         """This project's setting for retrieval beyond the trained length (a 4096-token window), as
         opposed to `LongHeads()`, the paper's. See README, "Which setting"."""
-        return cls(**{"chunk_size": 128, "num_chunks": 32, "chunk_repr": "mean-parts:4", "exact_tail": 256,
+        return cls(**{"chunk_size": 128, "num_chunks": 32, "chunk_repr": "mean-parts:4", "exact_tail": 1024,
                       **overrides})
 
     # --- derived settings ------------------------------------------------------------------------
