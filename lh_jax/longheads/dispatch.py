@@ -387,9 +387,6 @@ def run(plan: DispatchPlan, k_loc_BKSD, v_BKSD, settings):
     def steps(x):  # B K ... -> K/Kstep B Kstep ...
         return jnp.moveaxis(x.reshape(B, K // Kstep, Kstep, *x.shape[2:]), 1, 0)
 
-    import os
-    if os.environ.get("LH_BF16"):
-        k_loc_BKSD, v_BKSD = k_loc_BKSD.astype(jnp.bfloat16), v_BKSD.astype(jnp.bfloat16)
     out = jax.lax.map(heads, (steps(k_loc_BKSD.reshape(B, K, C, l, D)), steps(v_BKSD.reshape(B, K, C, l, D)),
                               steps(queries), steps(plan.row), steps(plan.rotation_row), steps(plan.visible),
                               steps(plan.tile_chunk), plan.num_tiles.reshape(K // Kstep, Kstep).max(-1)))

@@ -116,8 +116,8 @@ class Selection(NamedTuple):
 def best_key_scores(q_BHtD, keys_BKClD, chunks_per_step: int | None = None):
     """max_j q·k_j over every chunk's keys, [B, H, t, C] float32: the exact best-key score of every
     chunk (the keys rotated by their in-chunk offsets, the queries un-rotated). Computed
-    `chunks_per_step` chunks at a time (default: about 2^23 products per query row's batch entry
-    and step), so the [t, l] products of all chunks never coexist."""
+    `chunks_per_step` chunks at a time (default: about 2^23 products per batch row and step), so
+    the [t, l] products of all chunks never coexist."""
     B, H, t, D = q_BHtD.shape
     _, K, C, l, _ = keys_BKClD.shape
     q = q_BHtD.reshape(B, K, H // K, t, D)
