@@ -130,22 +130,24 @@ def _median_decode(params, config, attention, token, cache, steps: int):
 
 
 def time_model(params, config, attention, ids, repeats: int, decode_steps: int) -> dict:
-    """Prefill `ids` through a fresh cache (median of `repeats` after a warm-up), then decode."""
+    """Prefill `ids` through a fresh cache (median of `repeats` after a warm-up; `repeats` 0: the
+    first prefill, compilation included), then decode. The cache dtype is `generate`'s choice."""
     import jax.numpy as jnp
 
     import lh_jax
     from lh_jax import runtime
     capacity = ids.shape[1] + decode_steps + 2
+    kv_dtype = runtime.choose_cache_dtype(config, attention, params, ids.shape[0], ids.shape[1], capacity)
 
     def run_prefill():
-        cache = lh_jax.init_cache(config, ids.shape[0], capacity, attention, runtime.cache_dtype(params))
+        cache = lh_jax.init_cache(config, ids.shape[0], capacity, attention, kv_dtype)
         t0 = time.perf_counter()
         logits, cache = lh_jax.prefill(params, config, ids, cache, attention)
         logits.block_until_ready()
         return time.perf_counter() - t0, logits, cache
 
     first, logits, cache = run_prefill()
-    times = []
+    times = [] if repeats else [first]
     for _ in range(repeats):
         logits = cache = None  # release the previous run's cache before allocating the next one
         t, logits, cache = run_prefill()
@@ -155,7 +157,8 @@ def time_model(params, config, attention, ids, repeats: int, decode_steps: int) 
     token = jnp.argmax(logits, -1).astype(jnp.int32)
     decode_first, decode_ms, _ = _median_decode(params, config, attention, token, cache, decode_steps)
     return {"prefill_s": prefill_s, "tokens_per_s": ids.shape[1] / prefill_s, "decode_ms": decode_ms,
-            "compile_s": max(0.0, first - prefill_s) + max(0.0, decode_first - decode_ms / 1e3), "finite": finite}
+            "compile_s": max(0.0, first - prefill_s) + max(0.0, decode_first - decode_ms / 1e3), "finite": finite,
+            "cache": jnp.dtype(kv_dtype).name}
 
 
 def time_decode(params, config, attention, length: int, steps: int) -> dict:
@@ -164,10 +167,12 @@ def time_decode(params, config, attention, length: int, steps: int) -> dict:
 
     import lh_jax
     from lh_jax import runtime
-    cache = lh_jax.init_cache(config, 1, length + steps + 2, attention, runtime.cache_dtype(params))
+    kv_dtype = runtime.choose_cache_dtype(config, attention, params, 1, length, length + steps + 2)
+    cache = lh_jax.init_cache(config, 1, length + steps + 2, attention, kv_dtype)
     cache = cache.replace(index=jnp.asarray(length, jnp.int32))
     first, decode_ms, _ = _median_decode(params, config, attention, jnp.zeros((1,), jnp.int32), cache, steps)
-    return {"decode_ms": decode_ms, "compile_s": max(0.0, first - decode_ms / 1e3), "finite": True}
+    return {"decode_ms": decode_ms, "compile_s": max(0.0, first - decode_ms / 1e3), "finite": True,
+            "cache": jnp.dtype(kv_dtype).name}
 
 
 def attention_flops(attention, T: int, H: int, D: int) -> float:
@@ -233,10 +238,10 @@ def time_torch(model: str, length: int, repeats: int, decode_steps: int, threads
     ids = torch.from_numpy(prompt_ids(model, m.config.vocab_size, length, text).astype(np.int64))
     times = []
     with torch.inference_mode():
-        for i in range(repeats + 1):
+        for i in range(repeats + 1 if repeats else 1):
             t0 = time.perf_counter()
             out = m(ids, use_cache=True, logits_to_keep=1)
-            if i:
+            if i or not repeats:
                 times.append(time.perf_counter() - t0)
         cache, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
         step_times = []
@@ -258,7 +263,7 @@ def run_cell(cell: dict) -> dict:
     if cell["impl"] == "transformers":
         row = time_torch(cell["model"], cell["length"], cell["repeats"], cell["decode_steps"], cell["threads"],
                          cell["text"], cell["dtype"])
-        return {**row, "peak_rss_gib": peak_rss_gib(), "backend": "torch-cpu"}
+        return {**row, "peak_rss_gib": peak_rss_gib(), "backend": "torch-cpu", "cache": cell["dtype"]}
     import jax
     spec = MethodSpec(cell["method"])
     if cell["scope"] == "layer":
@@ -314,17 +319,18 @@ def format_table(rows: list[dict], scope: str) -> str:
         head = ["impl", "method", "tokens", "median ms", "best ms", "GFLOP", "GFLOP/s", "compile s"]
         keys = [("median_ms", ".1f"), ("best_ms", ".1f"), ("gflop", ".3g"), ("gflop_s", ".0f"), ("compile_s", ".2f")]
     elif scope == "decode":
-        head = ["impl", "method", "dtype", "tokens", "decode ms/token", "compile s", "peak RSS GiB"]
+        head = ["impl", "method", "dtype", "cache", "tokens", "decode ms/token", "compile s", "peak RSS GiB"]
         keys = [("decode_ms", ".1f"), ("compile_s", ".1f"), ("peak_rss_gib", ".2f")]
     else:
-        head = ["impl", "method", "dtype", "tokens", "prefill s", "tokens/s", "decode ms/token", "compile s",
-                "peak RSS GiB"]
+        head = ["impl", "method", "dtype", "cache", "tokens", "prefill s", "tokens/s", "decode ms/token",
+                "compile s", "peak RSS GiB"]
         keys = [("prefill_s", ".2f"), ("tokens_per_s", ".0f"), ("decode_ms", ".1f"), ("compile_s", ".1f"),
                 ("peak_rss_gib", ".2f")]
-    n_text = 2 if scope == "layer" else 3  # impl, method (, dtype); the rest are numbers
+    n_text = 2 if scope == "layer" else 4  # impl, method (, dtype, cache); the rest are numbers
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * n_text + "---:|" * (len(head) - n_text)]
     for r in rows:
-        first = [r["impl"], r["method"]] + ([] if scope == "layer" else [r["dtype"]]) + [str(r["length"])]
+        first = [r["impl"], r["method"]] + ([] if scope == "layer" else [r["dtype"], r.get("cache", "–")])
+        first += [str(r["length"])]
         if "error" in r:
             lines.append("| " + " | ".join(first) + f" | error: {r['error']} |" + " |" * (len(keys) - 1))
         else:
@@ -383,7 +389,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_method_arguments(p, multiple=True, default=DEFAULT_METHODS)
     p.add_argument("--scope", default="model", choices=SCOPES, help="what is timed (see the module docstring)")
     p.add_argument("--lengths", default="4k,8k,16k,32k", help="prompt lengths, e.g. 4k,16k,32k")
-    p.add_argument("--repeats", type=int, default=3, help="timed prefills (or layer calls) per cell, median")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed prefills (or layer calls) per cell, median, after a warm-up; 0 (model scope): "
+                        "time the one first prefill, compilation included (long lengths)")
     p.add_argument("--decode-steps", type=int, default=16, help="timed decode steps per cell, median")
     p.add_argument("--full-up-to", default="16k",
                    help="full-attention rows (lh-jax and transformers) only up to this length ('all': every length)")
@@ -403,9 +411,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_args(args) -> None:
     """Every flag checked before anything runs (ValueError naming the flag)."""
-    for flag, value in (("--repeats", args.repeats), ("--decode-steps", args.decode_steps)):
-        if value < 1:
-            raise ValueError(f"{flag} must be a positive integer, got {value}")
+    if args.decode_steps < 1:
+        raise ValueError(f"--decode-steps must be a positive integer, got {args.decode_steps}")
+    if args.repeats < (0 if args.scope == "model" else 1):
+        raise ValueError(f"--repeats must be {'0 or more' if args.scope == 'model' else 'a positive integer'} "
+                         f"with --scope {args.scope}, got {args.repeats}")
     try:
         parse_lengths(args.lengths)
     except ValueError as e:

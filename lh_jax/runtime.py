@@ -117,23 +117,33 @@ def check_memory(config: ModelConfig, attention, batch: int, tokens: int, kv_dty
             "use a shorter prompt or a smaller batch, a bfloat16 cache (cache_dtype=jnp.bfloat16), or more memory")
 
 
+# A LongHeads float32 cache larger than this is kept in bfloat16 on the CPU (its decode reads only the
+# selected chunks, so the narrower cache costs no whole-cache conversion per step): 128k tokens of the
+# default model are a 5.6 GiB float32 cache.
+LONG_CACHE_BYTES = 4 * 2 ** 30
+
+
 def choose_cache_dtype(config: ModelConfig, attention, params, batch: int, tokens: int, capacity: int,
                        requested=None):
-    """The cache dtype of a generation: `requested`, else `cache_dtype(params)`, else bfloat16 when
-    only bfloat16 fits (LongHeads only: its decode reads a fixed number of chunks, so a bfloat16
-    cache costs no whole-cache conversion per step); checked against the available memory."""
+    """The cache dtype of a generation: `requested`, else `cache_dtype(params)`, except for LongHeads
+    with a float32 cache that would be larger than `LONG_CACHE_BYTES` or take more than half of the
+    available memory: then bfloat16 (with a RuntimeWarning). Checked against the available memory
+    before any work."""
     import warnings
     if requested is not None:
         dt = jnp.dtype(requested)
     else:
         dt = cache_dtype(params)
         if dt != jnp.bfloat16 and getattr(attention, "num_chunks", None):
-            try:
-                check_memory(config, attention, batch, tokens, dt, capacity)
-            except InsufficientMemoryError:
+            need = memory_estimate(config, attention, batch, tokens, dt, capacity)
+            avail = available_memory()
+            too_big = need["cache"] > LONG_CACHE_BYTES or (avail is not None and sum(need.values()) > avail / 2)
+            if too_big:
                 check_memory(config, attention, batch, tokens, jnp.bfloat16, capacity)
-                warnings.warn(f"a {dt.name} cache for {batch} x {tokens} tokens does not fit in memory: using a "
-                              "bfloat16 cache", RuntimeWarning, stacklevel=3)
+                warnings.warn(f"a {dt.name} cache for {batch} x {tokens} tokens would take "
+                              f"{need['cache'] / 2 ** 30:.1f} GiB (more than {LONG_CACHE_BYTES / 2 ** 30:.0f} GiB "
+                              "or half of the available memory): using a bfloat16 cache", RuntimeWarning,
+                              stacklevel=3)
                 return jnp.dtype(jnp.bfloat16)
     check_memory(config, attention, batch, tokens, dt, capacity)
     return dt

@@ -30,6 +30,29 @@ from .config import ModelConfig
 from .softmax import MASK_VALUE
 
 
+# --- bfloat16 caches stored as their bits ------------------------------------------------------------
+# XLA:CPU runs a gather or dynamic-update-slice of a bfloat16 array by converting the whole operand to
+# float32 and back: a decode step reading a few chunks of a bfloat16 cache converted all of it (every
+# layer, every step). A cache that stores its bfloat16 entries as uint16 bits reads and writes them in
+# place and converts only what it read.
+
+def storage_dtype(dtype):
+    """The dtype a cache stores entries of `dtype` in: uint16 bits for bfloat16, else `dtype`."""
+    return jnp.dtype(jnp.uint16) if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(dtype)
+
+
+def from_storage(x):
+    """Entries read from a cache (any slice of it) in their float dtype."""
+    return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
+
+
+def to_storage(x, stored):
+    """Entries `x` in the storage dtype of the cache array `stored`."""
+    if stored.dtype == jnp.uint16:
+        return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
+    return x.astype(stored.dtype)
+
+
 @struct.dataclass
 class AttentionContext:
     """Where the new tokens sit. Slots are cache indices; position = slot - pad."""

@@ -30,12 +30,14 @@ def test_model_scope_rows_one_subprocess_per_cell(model, tmp_path):
     for r in rows:
         assert "error" not in r, r
         assert r["length"] == 96 and r["prefill_s"] > 0 and r["decode_ms"] > 0 and r["peak_rss_gib"] > 0
+        assert r["cache"] == r["dtype"]  # generate's choice: a small float32 cache stays float32
 
 
 def test_full_up_to_and_the_floors_summary(model, tmp_path, capsys):
     # full-attention rows stop at --full-up-to; the summary's ratios are those of the rows printed
     out = tmp_path / "rows.json"
-    lh_jax.cli.main(["bench", "--model", model, "--lengths", "64,128", "--repeats", "1", "--decode-steps", "2",
+    # --repeats 0: one prefill per cell, compilation included
+    lh_jax.cli.main(["bench", "--model", model, "--lengths", "64,128", "--repeats", "0", "--decode-steps", "2",
                      "--methods", "longheads:16x4,full", "--text", "random", "--full-up-to", "64", "--out", str(out)])
     data = json.loads(out.read_text())
     rows = data["rows"]
@@ -79,7 +81,8 @@ def test_a_failed_cell_is_an_error_row_and_a_nonzero_exit(model, tmp_path, capsy
 
 @pytest.mark.parametrize("argv,match", [(["--torch-dtypes", "float32,float16"], "--torch-dtypes.*float16"),
                                         (["--full-up-to", "lots"], "--full-up-to"),
-                                        (["--lengths", "4q"], "--lengths"), (["--repeats", "0"], "--repeats")])
+                                        (["--lengths", "4q"], "--lengths"), (["--repeats", "-1"], "--repeats"),
+                                        (["--scope", "layer", "--repeats", "0"], "--repeats")])
 def test_bad_arguments_fail_before_anything_runs(argv, match):
     with pytest.raises(ValueError, match=match):
         bench.cli_main(_args(argv))

@@ -221,6 +221,14 @@ def test_longheads_falls_back_to_a_bfloat16_cache_when_float32_does_not_fit(tiny
     monkeypatch.setattr(runtime, "available_memory", lambda: (sum(f32.values()) + sum(bf16.values())) // 2)
     with pytest.warns(RuntimeWarning, match="bfloat16 cache"):
         assert runtime.choose_cache_dtype(m.config, lh, m.params, 1, 320, 336) == jnp.bfloat16
+    # plenty of memory: float32 below LONG_CACHE_BYTES, bfloat16 above it
+    with monkeypatch.context() as mp:
+        mp.setattr(runtime, "available_memory", lambda: 100 * sum(f32.values()))
+        assert runtime.choose_cache_dtype(m.config, lh, m.params, 1, 320, 336) == jnp.float32
+        mp.setattr(runtime, "LONG_CACHE_BYTES", f32["cache"] - 1)
+        with pytest.warns(RuntimeWarning, match="bfloat16 cache"):
+            assert runtime.choose_cache_dtype(m.config, lh, m.params, 1, 320, 336) == jnp.bfloat16
+        assert runtime.choose_cache_dtype(m.config, None, m.params, 1, 320, 336) == jnp.float32
     # full attention keeps its cache dtype (a bfloat16 cache would be converted whole at every step)
     full = runtime.memory_estimate(m.config, None, 1, 320, jnp.float32, 336)
     with monkeypatch.context() as mp:
@@ -230,6 +238,38 @@ def test_longheads_falls_back_to_a_bfloat16_cache_when_float32_does_not_fit(tiny
     with pytest.warns(RuntimeWarning, match="bfloat16 cache"):
         out = np.asarray(lh_jax.generate(m.params, m.config, ids, 6, attention=lh))
     assert out.shape == ref.shape and (out[:, :301] == ref[:, :301]).all()  # the first token comes from prefill
+
+
+def test_a_bfloat16_longheads_cache_holds_the_rounded_entries_and_is_never_converted_whole(tiny):
+    """The bfloat16 cache stores its entries as uint16 bits: prefill and decode write exactly the
+    float32 cache's entries rounded to bfloat16, decode logits stay close to the float32 cache's,
+    and a decode step's compiled program converts no whole-cache array to float32 (XLA:CPU did so
+    for a bfloat16 gather or update: a copy of the cache per layer and step)."""
+    from lh_jax.models.attention import from_storage
+    m = tiny("llama_gqa2_tied")
+    lh = lh_jax.LongHeads(16, 4, exact_tail=32)
+    ids = random_ids((2, 150), seed=9)
+    nxt = random_ids((2,), seed=10)
+    caches, logits = {}, {}
+    for dt in (jnp.float32, jnp.bfloat16):
+        cache = lh_jax.init_cache(m.config, 2, 160, lh, dt)
+        _, cache = lh_jax.prefill(m.params, m.config, ids, cache, lh)
+        logits[dt], cache = lh_jax.decode_step(m.params, m.config, nxt, cache, lh)
+        caches[dt] = cache
+    f32, b16 = caches[jnp.float32].layers, caches[jnp.bfloat16].layers
+    for name in ("k", "v"):
+        assert b16[name].dtype == jnp.uint16
+        got, want = np.asarray(from_storage(b16[name])), np.asarray(f32[name].astype(jnp.bfloat16))
+        assert (got[:, :, :, :150] == want[:, :, :, :150]).all(), name  # the prompt's slots, every layer
+        assert (got[0, :, :, 150] == want[0, :, :, 150]).all(), name  # the decoded token's, first layer
+    np.testing.assert_allclose(np.asarray(logits[jnp.bfloat16]), np.asarray(logits[jnp.float32]), atol=0.05)
+    assert np.abs(np.asarray(logits[jnp.bfloat16]) - np.asarray(logits[jnp.float32])).max() > 0  # it is bfloat16
+
+    big = lh_jax.init_cache(m.config, 1, 4096, lh, jnp.bfloat16).replace(index=jnp.asarray(4000, jnp.int32))
+    hlo = runtime._decode_jit.lower(m.params, jnp.zeros((1,), jnp.int32), big, m.config, lh).compile().as_text()
+    whole = "[" + ",".join(map(str, big.layers["k"].shape)) + "]"
+    assert f"u16{whole}" in hlo
+    assert f"f32{whole}" not in hlo and f"bf16{whole}" not in hlo
 
 
 def test_long_prefills_report_each_layer(tiny, monkeypatch, capsys):

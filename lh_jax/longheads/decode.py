@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from lh_jax.longheads.selection import Selection, distances, select, select_with_memory
 from lh_jax.models import softmax
-from lh_jax.models.attention import AttentionContext, attend_stats, group_heads, ungroup_heads
+from lh_jax.models.attention import AttentionContext, attend_stats, from_storage, group_heads, ungroup_heads
 from lh_jax.models.rope import rotate
 from lh_jax.models.softmax import MASK_VALUE
 
@@ -31,8 +31,8 @@ def _own_chunk(settings, cache, k_loc, v, q_loc, cur, offset):
     C = S // l
     batch = jnp.arange(B)
     at_offset = (jnp.arange(l)[None, :] == offset[:, None])[:, None, :, None]  # B 1 l 1
-    keys = cache["k"].reshape(B, K, C, l, D)[batch, :, cur]
-    values = cache["v"].reshape(B, K, C, l, D)[batch, :, cur]
+    keys = from_storage(cache["k"].reshape(B, K, C, l, D)[batch, :, cur])
+    values = from_storage(cache["v"].reshape(B, K, C, l, D)[batch, :, cur])
     keys = jnp.where(at_offset, k_loc[:, 0][:, :, None, :].astype(keys.dtype), keys)
     values = jnp.where(at_offset, v[:, 0][:, :, None, :].astype(values.dtype), values)
     reps = cache["reps"]
@@ -70,8 +70,8 @@ def _selected_attention(settings, q_raw, rope, seq_len, cache, own_keys, own_val
     batch = jnp.arange(B)[:, None, None]
     kv_head = jnp.arange(H) // (H // K)
     chunk = jnp.minimum(sel.chunks, C - 1)
-    keys = cache["k"].reshape(B, K, C, l, D)[batch, kv_head[None, :, None], chunk]  # B H N l D
-    values = cache["v"].reshape(B, K, C, l, D)[batch, kv_head[None, :, None], chunk]
+    keys = from_storage(cache["k"].reshape(B, K, C, l, D)[batch, kv_head[None, :, None], chunk]).astype(jnp.float32)
+    values = from_storage(cache["v"].reshape(B, K, C, l, D)[batch, kv_head[None, :, None], chunk]).astype(jnp.float32)
     is_own = (sel.chunks == cur[:, None, None])[..., None, None]
     keys = jnp.where(is_own, own_keys[:, kv_head][:, :, None], keys)
     values = jnp.where(is_own, own_values[:, kv_head][:, :, None], values)
@@ -96,12 +96,13 @@ def _dense_attention(settings, q, k, v, rope, seq_len, cache, pos):
     chunk_start = pos[:, None] - jnp.arange(reach)[None, :] * l  # query minus chunk start
     cos, sin = rope.cos_sin(jnp.clip(chunk_start, 0, None), seq_len)  # B reach D
     q_rot = rotate(q[:, 0].astype(jnp.float32)[:, :, None, :], cos[:, None], sin[:, None])  # B H reach D
-    q_rot = q_rot.reshape(B, K, H // K, reach, D).astype(cache["k"].dtype)
-    keys = cache["k"][:, :, :reach * l].reshape(B, K, reach, l, D)
+    keys = from_storage(cache["k"][:, :, :reach * l]).reshape(B, K, reach, l, D)
+    near_values = from_storage(cache["v"][:, :, :reach * l])
+    q_rot = q_rot.reshape(B, K, H // K, reach, D).astype(keys.dtype)
     s = jnp.einsum("BKGCD,BKClD->BKGCl", q_rot, keys, preferred_element_type=jnp.float32) * D ** -0.5
     before = (jnp.arange(reach * l).reshape(reach, l)[None] < pos[:, None, None])[:, None, None]
     s = jnp.where(before, s, MASK_VALUE).reshape(B, K, H // K, 1, reach * l)
-    pv = lambda p: jnp.einsum("BKGtS,BKSD->BKGtD", p.astype(cache["v"].dtype), cache["v"][:, :, :reach * l],
+    pv = lambda p: jnp.einsum("BKGtS,BKSD->BKGtD", p.astype(near_values.dtype), near_values,
                               preferred_element_type=jnp.float32)
     past = softmax.finalize(softmax.update(softmax.init(s.shape[:-1], D), s, pv))
     q_self, k_self = rope.apply(q, pos[:, None], seq_len), rope.apply(k, pos[:, None], seq_len)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from lh_jax import _native
+from lh_jax.models.attention import from_storage
 
 NEG_INF = -jnp.inf
 
@@ -118,6 +119,7 @@ def best_key_scores(q_BHtD, keys_BKClD, chunks_per_step: int | None = None):
     chunk (the keys rotated by their in-chunk offsets, the queries un-rotated). Computed
     `chunks_per_step` chunks at a time (default: about 2^23 products per batch row and step), so
     the [t, l] products of all chunks never coexist."""
+    keys_BKClD = from_storage(keys_BKClD)
     B, H, t, D = q_BHtD.shape
     _, K, C, l, _ = keys_BKClD.shape
     q = q_BHtD.reshape(B, K, H // K, t, D)

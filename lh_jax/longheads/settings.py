@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from lh_jax.longheads.representations import representation_from_name
 from lh_jax.longheads.selection import POSITION_SCHEMES, SELECTORS
-from lh_jax.models.attention import AttentionContext
+from lh_jax.models.attention import AttentionContext, storage_dtype, to_storage
 from lh_jax.models.config import ModelConfig
 
 
@@ -187,14 +187,15 @@ class LongHeads:
     def init_cache(self, config: ModelConfig, batch: int, capacity: int, dtype) -> dict:
         """One layer's cache, indexed by token position (so left-padded rows keep their chunk
         boundaries): keys rotated by their in-chunk offset "k" [B, K, S, D], values "v"
-        [B, K, S, D], chunk representations "reps" [B, R, C, X] float32, and the queries of the
+        [B, K, S, D] (bfloat16 ones as uint16 bits: `models.attention.storage_dtype`), chunk representations "reps" [B, R, C, X] float32, and the queries of the
         chunk being filled "qbuf" [B, H, l, D] (empty when the representation needs none); with
         `exact_tail`, also "memory" [B, H, N] int32: the chunks each head picked at the last token
         (decode's candidates beside the representation's best)."""
         slots = -(-capacity // self.chunk_size) * self.chunk_size
         R, X = self.representation.width(config.num_heads, config.num_kv_heads, config.head_dim)
         K, D, H, l = config.num_kv_heads, config.head_dim, config.num_heads, self.chunk_size
-        cache = {"k": jnp.zeros((batch, K, slots, D), dtype), "v": jnp.zeros((batch, K, slots, D), dtype),
+        kv = storage_dtype(dtype)  # bfloat16 entries are stored as their bits (see `storage_dtype`)
+        cache = {"k": jnp.zeros((batch, K, slots, D), kv), "v": jnp.zeros((batch, K, slots, D), kv),
                  "reps": jnp.zeros((batch, R, slots // l, X), jnp.float32),
                  "qbuf": jnp.zeros((batch, H, l if self.representation.needs_queries else 0, D), dtype)}
         if self.exact_tail:
@@ -205,7 +206,7 @@ class LongHeads:
         """Apply one call's writes to a stacked cache (leading layer axis): a prefill's whole arrays
         from position 0, or a decode step's one position per row."""
         if "pos" not in writes:
-            out = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], writes[name].astype(cache[name].dtype),
+            out = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], to_storage(writes[name], cache[name]),
                                                               0, axis=3)
                    for name in ("k", "v", "reps")}
             out["qbuf"] = writes["qbuf"].astype(cache["qbuf"].dtype)
@@ -218,8 +219,8 @@ class LongHeads:
             one = lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=1)
             return jax.vmap(jax.vmap(one, in_axes=(0, 0, 0)), in_axes=(0, 0, None))(stacked, new, index_B)
 
-        out = {"k": put(cache["k"], writes["k"].astype(cache["k"].dtype), pos),
-               "v": put(cache["v"], writes["v"].astype(cache["v"].dtype), pos),
+        out = {"k": put(cache["k"], to_storage(writes["k"], cache["k"]), pos),
+               "v": put(cache["v"], to_storage(writes["v"], cache["v"]), pos),
                "reps": put(cache["reps"], writes["reps"], pos // self.chunk_size),
                "qbuf": cache["qbuf"]}
         if "memory" in cache:
