@@ -53,6 +53,19 @@ def to_storage(x, stored):
     return x.astype(stored.dtype)
 
 
+def take_chunks(x_BKClD, kv_head_H, ids_BH):
+    """Whole chunks of a cache viewed as [B, K, C, l, D]: x[b, kv_head[h], ids[b, h, ...]] as
+    [B, H, ..., l, D] in the entries' float dtype (`from_storage`); ids are clipped into [0, C).
+    One take of contiguous rows, the gather form XLA:CPU runs fastest (~3x an indexed gather)."""
+    B, K, C, l, D = x_BKClD.shape
+    extra = ids_BH.ndim - 2
+    b = jnp.arange(B).reshape((B, 1) + (1,) * extra)
+    h = jnp.asarray(kv_head_H).reshape((1, -1) + (1,) * extra)
+    rows = (b * K + h) * C + jnp.clip(ids_BH, 0, C - 1)
+    out = jnp.take(x_BKClD.reshape(B * K * C, l * D), rows.reshape(-1), axis=0, mode="clip")
+    return from_storage(out.reshape(rows.shape + (l, D)))
+
+
 @struct.dataclass
 class AttentionContext:
     """Where the new tokens sit. Slots are cache indices; position = slot - pad."""

@@ -20,7 +20,7 @@ from lh_jax.longheads.representations import (KeyBounds, MeanKeys, Shortlist, Su
 from lh_jax.models.rope import Rope
 from test_longheads import models_config_for_layer
 
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def direct_picks(q, keys, cur, parts, size, num_chunks, coarse_kind="mean"):

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 
 from lh_jax.longheads.selection import Selection, distances, select, select_with_memory
 from lh_jax.models import softmax
-from lh_jax.models.attention import AttentionContext, attend_stats, from_storage, group_heads, ungroup_heads
+from lh_jax.models.attention import (AttentionContext, attend_stats, from_storage, group_heads, take_chunks,
+                                     ungroup_heads)
 from lh_jax.models.rope import rotate
 from lh_jax.models.softmax import MASK_VALUE
 
@@ -31,8 +32,9 @@ def _own_chunk(settings, cache, k_loc, v, q_loc, cur, offset):
     C = S // l
     batch = jnp.arange(B)
     at_offset = (jnp.arange(l)[None, :] == offset[:, None])[:, None, :, None]  # B 1 l 1
-    keys = from_storage(cache["k"].reshape(B, K, C, l, D)[batch, :, cur])
-    values = from_storage(cache["v"].reshape(B, K, C, l, D)[batch, :, cur])
+    own = jnp.broadcast_to(cur[:, None], (B, K))
+    keys = take_chunks(cache["k"].reshape(B, K, C, l, D), jnp.arange(K), own)  # B K l D
+    values = take_chunks(cache["v"].reshape(B, K, C, l, D), jnp.arange(K), own)
     keys = jnp.where(at_offset, k_loc[:, 0][:, :, None, :].astype(keys.dtype), keys)
     values = jnp.where(at_offset, v[:, 0][:, :, None, :].astype(values.dtype), values)
     reps = cache["reps"]
@@ -67,11 +69,10 @@ def _selected_attention(settings, q_raw, rope, seq_len, cache, own_keys, own_val
     C = S // l
     cos, sin = rope.cos_sin(jnp.clip(dist, 0, None).reshape(B, H * N), seq_len)
     q = rotate(q_raw.astype(jnp.float32)[:, :, None, :], cos.reshape(B, H, N, D), sin.reshape(B, H, N, D))
-    batch = jnp.arange(B)[:, None, None]
     kv_head = jnp.arange(H) // (H // K)
     chunk = jnp.minimum(sel.chunks, C - 1)
-    keys = from_storage(cache["k"].reshape(B, K, C, l, D)[batch, kv_head[None, :, None], chunk]).astype(jnp.float32)
-    values = from_storage(cache["v"].reshape(B, K, C, l, D)[batch, kv_head[None, :, None], chunk]).astype(jnp.float32)
+    keys = take_chunks(cache["k"].reshape(B, K, C, l, D), kv_head, chunk).astype(jnp.float32)  # B H N l D
+    values = take_chunks(cache["v"].reshape(B, K, C, l, D), kv_head, chunk).astype(jnp.float32)
     is_own = (sel.chunks == cur[:, None, None])[..., None, None]
     keys = jnp.where(is_own, own_keys[:, kv_head][:, :, None], keys)
     values = jnp.where(is_own, own_values[:, kv_head][:, :, None], values)

@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lh_jax.models.attention import from_storage
+from lh_jax.models.attention import take_chunks
 
 
 
@@ -253,8 +253,7 @@ class Shortlist:
         direct definition, used in decode; prefill computes it chunk-major)."""
         B, H, t, D = q_BHtD.shape
         K = keys_BKClD.shape[1]
-        kv_head = (jnp.arange(H) // (H // K))[None, :, None, None]
-        keys = from_storage(keys_BKClD[jnp.arange(B)[:, None, None, None], kv_head, ids_BHtS])  # B H t S l D
+        keys = take_chunks(keys_BKClD, jnp.arange(H) // (H // K), ids_BHtS)  # B H t S l D
         return jnp.einsum("BHtD,BHtSlD->BHtSl", q_BHtD.astype(jnp.float32), keys.astype(jnp.float32)).max(-1)
 
     @staticmethod
