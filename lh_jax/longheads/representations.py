@@ -253,8 +253,12 @@ class Shortlist:
         direct definition, used in decode; prefill computes it chunk-major)."""
         B, H, t, D = q_BHtD.shape
         K = keys_BKClD.shape[1]
+        S, l = ids_BHtS.shape[-1], keys_BKClD.shape[3]
         keys = take_chunks(keys_BKClD, jnp.arange(H) // (H // K), ids_BHtS)  # B H t S l D
-        return jnp.einsum("BHtD,BHtSlD->BHtSl", q_BHtD.astype(jnp.float32), keys.astype(jnp.float32)).max(-1)
+        # one matrix-vector product per query over all S·l keys (a dot batched over S ran ~9x slower on CPU)
+        s = jnp.einsum("BHtD,BHtXD->BHtX", q_BHtD.astype(jnp.float32),
+                       keys.astype(jnp.float32).reshape(B, H, t, S * l, D))
+        return s.reshape(B, H, t, S, l).max(-1)
 
     @staticmethod
     def combine(coarse_BHtC, ids_BHtS, ok_BHtS, fine_BHtS):
