@@ -28,7 +28,6 @@ import jax.numpy as jnp
 from lh_jax.models.attention import take_chunks
 
 
-
 @dataclasses.dataclass(frozen=True)
 class AttnPooled:
     """The paper's representation: in-chunk attention, mean output as a query, attention-pooled keys.

@@ -187,9 +187,9 @@ class LongHeads:
     def init_cache(self, config: ModelConfig, batch: int, capacity: int, dtype) -> dict:
         """One layer's cache, indexed by token position (so left-padded rows keep their chunk
         boundaries): keys rotated by their in-chunk offset "k" [B, K, S, D], values "v"
-        [B, K, S, D] (bfloat16 ones as uint16 bits: `models.attention.storage_dtype`), chunk representations "reps" [B, R, C, X] float32, and the queries of the
-        chunk being filled "qbuf" [B, H, l, D] (empty when the representation needs none); with
-        `exact_tail`, also "memory" [B, H, N] int32: the chunks each head picked at the last token
+        [B, K, S, D] (bfloat16 ones as uint16 bits: `models.attention.storage_dtype`), chunk
+        representations "reps" [B, R, C, X] float32, and the queries of the chunk being filled
+        "qbuf" [B, H, l, D] (empty when the representation needs none); with `exact_tail`, also "memory" [B, H, N] int32: the chunks each head picked at the last token
         (decode's candidates beside the representation's best)."""
         slots = -(-capacity // self.chunk_size) * self.chunk_size
         R, X = self.representation.width(config.num_heads, config.num_kv_heads, config.head_dim)
