@@ -189,8 +189,9 @@ class LongHeads:
         boundaries): keys rotated by their in-chunk offset "k" [B, K, S, D], values "v"
         [B, K, S, D] (bfloat16 ones as uint16 bits: `models.attention.storage_dtype`), chunk
         representations "reps" [B, R, C, X] float32, and the queries of the chunk being filled
-        "qbuf" [B, H, l, D] (empty when the representation needs none); with `exact_tail`, also "memory" [B, H, N] int32: the chunks each head picked at the last token
-        (decode's candidates beside the representation's best)."""
+        "qbuf" [B, H, l, D] (empty when the representation needs none); with `exact_tail`, also
+        "memory" [B, H, N] int32: the chunks each head picked at the last token (decode's
+        candidates beside the representation's best)."""
         slots = -(-capacity // self.chunk_size) * self.chunk_size
         R, X = self.representation.width(config.num_heads, config.num_kv_heads, config.head_dim)
         K, D, H, l = config.num_kv_heads, config.head_dim, config.num_heads, self.chunk_size
