@@ -53,6 +53,9 @@ def main(argv=None) -> None:
     p.add_argument("--num-chunks", type=int, default=16)
     p.add_argument("--chunk-repr", default="attn")
     p.add_argument("--selection", default="head", choices=["head", "group"])
+    p.add_argument("--method", default=None, metavar="SPEC",
+                   help="a LongHeads method by its CLI name (e.g. longheads:recommended); overrides "
+                        "--chunk-size/--num-chunks/--chunk-repr/--selection")
     p.add_argument("--force-layers", default="", help="comma list of lo-hi layer ranges (hi exclusive)")
     p.add_argument("--full", action="store_true", help="also score the prompt with full attention")
     args = p.parse_args(argv)
@@ -67,8 +70,16 @@ def main(argv=None) -> None:
         raise SystemExit("this tokenizer does not split ' 12345' into ' ' + digits; p(' ') is not meaningful")
     space = space[0]
     l = args.chunk_size
-    lh = lh_jax.LongHeads(chunk_size=l, num_chunks=args.num_chunks, chunk_repr=args.chunk_repr,
-                          selection=args.selection, record_selection=True)
+    if args.method:
+        from lh_jax.methods import MethodSpec
+        spec = MethodSpec(args.method)
+        if spec.longheads is None or spec.rope_scaling != "none":
+            raise SystemExit(f"--method {args.method!r}: need a LongHeads method without RoPE scaling")
+        lh = dataclasses.replace(spec.longheads, record_selection=True)
+        l = lh.chunk_size
+    else:
+        lh = lh_jax.LongHeads(chunk_size=l, num_chunks=args.num_chunks, chunk_repr=args.chunk_repr,
+                              selection=args.selection, record_selection=True)
     L = config.num_layers
 
     def p_space(logits_last):

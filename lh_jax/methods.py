@@ -8,8 +8,8 @@
     longheads[:CxN]              LongHeads (default 256x16); OPTIONs: a chunk representation
                                  (attn, mean, bounds, best-key, attn-parts:16, ...), a selector
                                  (topk, recent), positions (remap, original), selection (head, group),
-                                 dense=N, tail=N (exact_tail); or key=value: repr=, selector=, positions=,
-                                 selection=, dense=, tail=
+                                 dense=N, tail=N (exact_tail), bulk=N (bulk_chunks); or key=value: repr=,
+                                 selector=, positions=, selection=, dense=, tail=, bulk=
     longheads:recommended        lh_jax.LongHeads.recommended() (OPTIONs override it)
     longheads-ref[:CxN]          LongHeads as the authors' released code behaves (option: dense=N)
     +ntk / +pi / +yarn[:FACTOR]  RoPE scaling on top of a window method
@@ -34,7 +34,7 @@ WINDOW_METHODS = ("sliding", "longheads", "longheads-ref")
 ROPE_SCALINGS = ("pi", "ntk", "yarn")
 _ROPE_TYPE = {"pi": "linear", "ntk": "dynamic", "yarn": "yarn"}
 GRAMMAR = "METHOD[:CxN][/OPTION...][+ntk|+pi|+yarn], e.g. 'longheads:128x32/best-key' (see lh_jax.methods)"
-_KEYS = ("repr", "selector", "positions", "selection", "dense", "tail")
+_KEYS = ("repr", "selector", "positions", "selection", "dense", "tail", "bulk")
 
 
 def _error(text: str, why: str) -> ValueError:
@@ -74,6 +74,11 @@ def _options(text: str, method: str, options: list[str]) -> dict[str, Any]:
             if method != "longheads" or not value.isdigit():
                 raise _error(text, f"tail={value!r}: a non-negative integer, for longheads only")
             out["exact_tail"] = int(value)
+            continue
+        if key == "bulk":
+            if method != "longheads" or not value.isdigit():
+                raise _error(text, f"bulk={value!r}: a positive integer (chunks), for longheads only")
+            out["bulk_chunks"] = int(value)
             continue
         if method != "longheads" and key != "dense":
             raise _error(text, f"{method} takes only the option dense=N, got {token!r}")
@@ -167,6 +172,8 @@ class MethodSpec:
                     name += f"/dense={lh.dense_length}"
                 if lh.exact_tail:
                     name += f"/tail={lh.exact_tail}"
+                if lh.bulk_chunks not in (None, lh.num_chunks):
+                    name += f"/bulk={lh.bulk_chunks}"
         if self.rope_scaling != "none":
             name += f"+{self.rope_scaling}" + (f":{self.rope_factor:g}" if self.rope_factor is not None else "")
         return name

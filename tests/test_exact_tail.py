@@ -154,3 +154,37 @@ def test_a_sliding_window_with_an_exact_tail_retrieves_in_the_tail(gqa):
     tail_from = ((T_LONG - 1) // L - 2) * L - FIRST
     np.testing.assert_array_equal(tail[0, :, :, :tail_from], recent[0, :, :, :tail_from])
     np.testing.assert_array_equal(tail[0, :, :, tail_from:], best[0, :, :, tail_from:])
+
+
+def test_bulk_chunks_narrow_the_prompt_outside_the_tail(gqa):
+    """bulk_chunks=3 of 4: the bulk's selection is the 3-chunk selection (the 4th slot unused), the
+    tail's the exact 4-chunk one; without a tail the whole prompt computes as num_chunks=3."""
+    _, narrow_tail = run_forward(gqa, lh(exact_tail=40, bulk_chunks=3))
+    _, three = run_forward(gqa, lh(num_chunks=3))
+    _, tail = run_forward(gqa, lh(exact_tail=40))
+    tail_from = ((T_LONG - 1) // L - 2) * L - FIRST
+    C = (T_LONG + L - 1) // L
+    bulk = narrow_tail[0, :, :, :tail_from]
+    np.testing.assert_array_equal(bulk[..., :3], three[0, :, :, :tail_from])
+    np.testing.assert_array_equal(bulk[..., 3], C)
+    np.testing.assert_array_equal(narrow_tail[0, :, :, tail_from:], tail[0, :, :, tail_from:])
+    a, _ = run_forward(gqa, lh(bulk_chunks=3, record_selection=False))
+    b, _ = run_forward(gqa, lh(num_chunks=3, record_selection=False))
+    c, _ = run_forward(gqa, lh(record_selection=False))
+    assert max_err(a, b) <= TOL and max_err(a, c) > 1e-3
+
+
+@pytest.mark.parametrize("bad", [2, 5, 2.5, True, "3"])
+def test_bad_bulk_chunks_fail_at_construction(bad):
+    with nothing_compiles(), pytest.raises(ValueError, match="bulk_chunks must be an integer in 3..num_chunks=4"):
+        LongHeads(16, 4, bulk_chunks=bad)
+
+
+def test_bulk_option_in_the_method_grammar():
+    spec = MethodSpec("longheads:recommended/bulk=16")
+    assert spec.longheads.bulk_chunks == 16 and spec.name == "longheads:recommended/bulk=16"
+    assert MethodSpec("longheads:128x32/tail=256/bulk=16").name == "longheads:128x32/tail=256/bulk=16"
+    assert MethodSpec("longheads:128x32/bulk=32").name == "longheads:128x32"
+    for bad in ("longheads:128x32/bulk=x", "longheads:128x32/bulk=40", "sliding:128x32/bulk=4"):
+        with nothing_compiles(), pytest.raises(ValueError, match="bulk"):
+            MethodSpec(bad)

@@ -13,6 +13,7 @@ plus at most one partial tile per chunk; memory is linear in the prompt.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -296,11 +297,16 @@ def plan(settings, q_BHSD, q_loc_BHSD, reps, rope, seq_len, first_chunk: int, nu
     if getattr(settings.representation, "needs_keys", False):
         fine = shortlist_scores(settings, q_BHSD, reps, k_loc_BKSD, first_chunk, K)
 
+    bulk = settings if settings.bulk_chunks in (None, settings.num_chunks) else \
+        dataclasses.replace(settings, num_chunks=settings.bulk_chunks, bulk_chunks=None)
+
     def block(i, width):
         q = jax.lax.dynamic_slice_in_dim(q_BHSD, i * l, l, axis=2)
         f = None if fine is None else jax.lax.dynamic_slice_in_dim(fine, (i - first_chunk) * l, l, axis=2)
-        sel = select(settings, q, reps[:, :, :width], i, K, fine=f)
-        return _picks_and_counts(sel.chunks, sel.valid, width, C)
+        chunks, ok = select(bulk, q, reps[:, :, :width], i, K, fine=f)
+        pad = settings.num_chunks - chunks.shape[-1]  # bulk_chunks < num_chunks: unused slots (C, invalid)
+        chunks = jnp.pad(chunks, ((0, 0),) * 3 + ((0, pad),), constant_values=C)
+        return _picks_and_counts(chunks, jnp.pad(ok, ((0, 0),) * 3 + ((0, pad),)), width, C)
 
     blocks = _over_blocks(settings, S, first_chunk, block)
     if settings.exact_tail:

@@ -70,6 +70,9 @@ class LongHeads:
       its best key (max_j q·k_j, exact) instead of by the representation, and so does decode, among
       a bounded set of candidates (see `selection.select_with_memory`). 0: off (the paper). With
       selector="recent" (a sliding window for the rest) the exact picks use "topk".
+    bulk_chunks: chunks a prompt query outside the exact tail selects (3..num_chunks; None: num_chunks).
+      The exact tail and decode keep `num_chunks`: the wide window is spent where the answer is read,
+      the rest of the prompt attends to fewer chunks (its attention costs bulk_chunks/num_chunks).
     """
 
     chunk_size: int = 256
@@ -83,6 +86,7 @@ class LongHeads:
     kernel: Dispatch = Dispatch()
     record_selection: bool = False
     exact_tail: int = 0
+    bulk_chunks: int | None = None
 
     def __post_init__(self):
         _check_positive("LongHeads", "chunk_size", self.chunk_size)
@@ -92,6 +96,11 @@ class LongHeads:
                              "chunks (first, previous, current); use num_chunks >= 3")
         if not isinstance(self.exact_tail, int) or isinstance(self.exact_tail, bool) or self.exact_tail < 0:
             raise ValueError(f"LongHeads: exact_tail must be a non-negative integer, got {self.exact_tail!r}")
+        if self.bulk_chunks is not None:
+            if (not isinstance(self.bulk_chunks, int) or isinstance(self.bulk_chunks, bool)
+                    or not 3 <= self.bulk_chunks <= self.num_chunks):
+                raise ValueError(f"LongHeads: bulk_chunks must be an integer in 3..num_chunks={self.num_chunks} "
+                                 f"(or None), got {self.bulk_chunks!r}")
         if self.dense_length is None:
             object.__setattr__(self, "dense_length", self.window)
         if not isinstance(self.dense_length, int) or isinstance(self.dense_length, bool) or self.dense_length < 0:
