@@ -457,7 +457,7 @@ def cli_main(args) -> dict:
     hay_id = haystack_id(hay)
 
     def key(spec, task, n, t):
-        return {"model": args.model, "dtype": args.dtype, "method": spec.to_dict(), "task": task,
+        return {"model": args.model, "dtype": args.dtype, "method": spec.to_dict(), **spec.cell_fields(), "task": task,
                 "params": {**params.for_task(task), "haystack": hay_id,
                            "max_new_tokens": prompts[(task, n, t)].max_new_tokens},
                 "length": n, "trial": t, "seed": args.seed}

@@ -123,7 +123,8 @@ def perplexity(nll: float, count: int) -> float:
 # --- evaluation -------------------------------------------------------------------------------
 
 def method_key(base: dict, spec, length: int, bucket: int) -> dict:
-    return {**base, "kind": "method", "method": spec.name, "length": length, "bucket": bucket}
+    return {**base, "kind": "method", "method": spec.name, **spec.cell_fields(), "length": length,
+            "bucket": bucket}
 
 
 def reference_key(base: dict, context: int, start: int, end: int) -> dict:

@@ -310,7 +310,8 @@ def evaluate(params, config, task: ToyTask, lengths, specs, samples: int = 256, 
     n_seq = -(-samples // task.num_queries)
     rows, cells = [], [(n, s) for n in lengths for s in specs]
     for length, spec in bar(cells, total=len(cells), desc="toy") if progress else cells:
-        key = {"model": model_id, "length": length, "method": spec.label, "samples": samples, "seed": seed}
+        key = {"model": model_id, "length": length, "method": spec.label, **spec.cell_fields(), "samples": samples,
+               "seed": seed}
         hit = store.get(key) if store is not None else None
         if hit is None:
             cfg, attention = spec.build(config, length)

@@ -190,6 +190,19 @@ class MethodSpec:
     def to_dict(self) -> dict:
         return {"method": self.name}
 
+    @property
+    def resolved_name(self) -> str:
+        """The name with a named setting spelled out ("longheads:recommended" -> its chunk size,
+        count, representation, tail, ...): what the method computes today."""
+        if self.longheads is None or not self.name.startswith("longheads:recommended"):
+            return self.name
+        return MethodSpec(self._canonical("", [])).name
+
+    def cell_fields(self) -> dict:
+        """Result-cache key fields: {} for a spelled-out name, else {"resolved": resolved_name}, so
+        a cell computed before `LongHeads.recommended()` changed is not reused under its name."""
+        return {} if self.resolved_name == self.name else {"resolved": self.resolved_name}
+
     @classmethod
     def from_dict(cls, d: dict) -> "MethodSpec":
         if set(d) != {"method"}:

@@ -66,3 +66,26 @@ def test_lists_and_argparse():
     assert [s.name for s in p.parse_args(["--methods", "ntk,sliding:64x8"]).methods] == ["ntk", "sliding:64x8"]
     with pytest.raises(SystemExit):
         p.parse_args(["--methods", "longheads:12"])
+
+
+def test_a_named_setting_is_cached_under_what_it_computes(monkeypatch):
+    """Result files key a cell by the method; for "longheads:recommended" the key also holds the
+    spelled-out setting, so cells computed before recommended() changed are not reused."""
+    from lh_jax.experiments.passkey import cell_key
+    from lh_jax.longheads import LongHeads
+
+    class Args:
+        model, dtype, seed, max_new_tokens = "default", "float32", 0, 8
+
+    class Setup:
+        needle, question, haystack_id = "n {key}", "q", "filler"
+
+    today = MethodSpec("longheads:recommended")
+    spelled = MethodSpec(today.resolved_name)
+    assert spelled.longheads == today.longheads and spelled.cell_fields() == {}
+    key = cell_key(Args, today, 16384, 0.5, 0, Setup)
+    assert key["resolved"] == spelled.name
+    monkeypatch.setattr(LongHeads, "recommended", classmethod(lambda cls, **kw: LongHeads(64, 8, **kw)))
+    changed = MethodSpec("longheads:recommended")
+    assert changed.name == today.name and changed.resolved_name == "longheads:64x8"
+    assert cell_key(Args, changed, 16384, 0.5, 0, Setup) != key
