@@ -406,7 +406,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--in-process", action="store_true",
                    help="run every cell in this process (accelerators; an out-of-memory cell is reported and skipped)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="also write the rows and summary as JSON here")
+    p.add_argument("--out", default=None, metavar="PATH",
+                   help="also write the rows and summary as JSON: to PATH if it ends in .json, else to "
+                        "PATH/bench.json (a directory, as the other commands' --out)")
 
 
 def check_args(args) -> None:
@@ -430,6 +432,22 @@ def check_args(args) -> None:
     if bad or not dtypes:
         raise ValueError(f"--torch-dtypes: expected float32 and/or bfloat16, got {args.torch_dtypes!r}")
     args.torch_dtypes = dtypes
+    if args.out:
+        args.out = out_file(args.out)
+
+
+def out_file(out: str) -> str:
+    """The JSON file --out names (PATH.json, or PATH/bench.json for a directory), its folder created
+    now: a path that cannot be written fails before any cell runs."""
+    path = out if out.endswith(".json") and not os.path.isdir(out) else os.path.join(out, "bench.json")
+    folder = os.path.dirname(path) or "."
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out!r}: cannot create the folder {folder!r} ({e.strerror})") from None
+    if os.path.isdir(path) or not os.access(folder, os.W_OK):
+        raise ValueError(f"--out {out!r}: cannot write {path!r}")
+    return path
 
 
 def cli_main(args) -> list[dict]:

@@ -35,11 +35,11 @@ def test_model_scope_rows_one_subprocess_per_cell(model, tmp_path):
 
 def test_full_up_to_and_the_floors_summary(model, tmp_path, capsys):
     # full-attention rows stop at --full-up-to; the summary's ratios are those of the rows printed
-    out = tmp_path / "rows.json"
+    out = tmp_path / "runs"  # a directory, as the other commands' --out: bench.json inside
     # --repeats 0: one prefill per cell, compilation included
     lh_jax.cli.main(["bench", "--model", model, "--lengths", "64,128", "--repeats", "0", "--decode-steps", "2",
                      "--methods", "longheads:16x4,full", "--text", "random", "--full-up-to", "64", "--out", str(out)])
-    data = json.loads(out.read_text())
+    data = json.loads((out / "bench.json").read_text())
     rows = data["rows"]
     got = sorted((r["impl"], r["method"], r["length"]) for r in rows)
     assert got == [("lh-jax", "full", 64), ("lh-jax", "longheads:16x4", 64), ("lh-jax", "longheads:16x4", 128),
@@ -86,6 +86,14 @@ def test_a_failed_cell_is_an_error_row_and_a_nonzero_exit(model, tmp_path, capsy
 def test_bad_arguments_fail_before_anything_runs(argv, match):
     with pytest.raises(ValueError, match=match):
         bench.cli_main(_args(argv))
+
+
+def test_an_unwritable_out_fails_before_anything_runs(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for out in (blocker / "rows.json", blocker / "runs"):
+        with pytest.raises(ValueError, match="--out"):
+            bench.cli_main(_args(["--out", str(out)]))
 
 
 def _args(argv):
