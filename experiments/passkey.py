@@ -198,8 +198,8 @@ def build_prompts(tokenizer, setup: Setup, trials: int, seed: int) -> dict[tuple
 
 def cell_key(args, spec, n: int, d: float, t: int, setup: Setup) -> dict:
     model = args.model if args.model == "default" or not os.path.exists(args.model) else os.path.abspath(args.model)
-    return {"task": "passkey", "model": model, "dtype": args.dtype, "method": spec.to_dict(), **spec.cell_fields(), "length": n,
-            "depth": d, "trial": t, "seed": args.seed, "needle": setup.needle, "question": setup.question,
+    return {"task": "passkey", "model": model, "dtype": args.dtype, "method": spec.to_dict(), **spec.cell_fields(),
+            "length": n, "depth": d, "trial": t, "seed": args.seed, "needle": setup.needle, "question": setup.question,
             "haystack": setup.haystack_id, "max_new_tokens": args.max_new_tokens}
 
 
