@@ -8,8 +8,9 @@
     longheads[:CxN]              LongHeads (default 256x16); OPTIONs: a chunk representation
                                  (attn, mean, bounds, best-key, attn-parts:16, ...), a selector
                                  (topk, recent), positions (remap, original), selection (head, group),
-                                 dense=N, tail=N (exact_tail), bulk=N (bulk_chunks); or key=value: repr=,
-                                 selector=, positions=, selection=, dense=, tail=, bulk=
+                                 dense=N, tail=N (exact_tail), bulk=N (bulk_chunks), local=N
+                                 (local_chunks); or key=value: repr=, selector=, positions=,
+                                 selection=, dense=, tail=, bulk=, local=
     longheads:recommended        lh_jax.LongHeads.recommended() (OPTIONs override it)
     longheads-ref[:CxN]          LongHeads as the authors' released code behaves (option: dense=N)
     +ntk / +pi / +yarn[:FACTOR]  RoPE scaling on top of a window method
@@ -34,7 +35,7 @@ WINDOW_METHODS = ("sliding", "longheads", "longheads-ref")
 ROPE_SCALINGS = ("pi", "ntk", "yarn")
 _ROPE_TYPE = {"pi": "linear", "ntk": "dynamic", "yarn": "yarn"}
 GRAMMAR = "METHOD[:CxN][/OPTION...][+ntk|+pi|+yarn], e.g. 'longheads:128x32/best-key' (see lh_jax.methods)"
-_KEYS = ("repr", "selector", "positions", "selection", "dense", "tail", "bulk")
+_KEYS = ("repr", "selector", "positions", "selection", "dense", "tail", "bulk", "local")
 
 
 def _error(text: str, why: str) -> ValueError:
@@ -79,6 +80,11 @@ def _options(text: str, method: str, options: list[str]) -> dict[str, Any]:
             if method != "longheads" or not value.isdigit():
                 raise _error(text, f"bulk={value!r}: a positive integer (chunks), for longheads only")
             out["bulk_chunks"] = int(value)
+            continue
+        if key == "local":
+            if method != "longheads" or not value.isdigit():
+                raise _error(text, f"local={value!r}: a non-negative integer (chunks), for longheads only")
+            out["local_chunks"] = int(value)
             continue
         if method != "longheads" and key != "dense":
             raise _error(text, f"{method} takes only the option dense=N, got {token!r}")
@@ -174,6 +180,8 @@ class MethodSpec:
                     name += f"/tail={lh.exact_tail}"
                 if lh.bulk_chunks not in (None, lh.num_chunks):
                     name += f"/bulk={lh.bulk_chunks}"
+                if lh.local_chunks > 1:
+                    name += f"/local={lh.local_chunks}"
         if self.rope_scaling != "none":
             name += f"+{self.rope_scaling}" + (f":{self.rope_factor:g}" if self.rope_factor is not None else "")
         return name

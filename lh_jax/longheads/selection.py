@@ -169,12 +169,28 @@ def _shared_by_group(settings, s, num_kv_heads: int):
     return jnp.broadcast_to(s, (B, K, H // K, t, C)).reshape(B, H, t, C)
 
 
-def _pick(settings, scores, cur, force_prev, exact: bool) -> Selection:
+def pick(settings, scores, cur, force_prev=True, exact: bool = False) -> Selection:
     """The selector over `scores`; exact scores rank by top-k even when the bulk's selector is
     "recent" (a sliding window with an exact tail)."""
     force_prev = jnp.broadcast_to(jnp.asarray(force_prev, bool), cur.shape)
     fn = select_chunks if (exact and settings.selector == "recent") else settings.selector_fn
+    if settings.local_chunks > 1:
+        scores = force_local(scores, cur, settings.local_chunks)
     return Selection(*fn(scores, cur, settings.num_chunks, force_prev))
+
+
+#: The score `force_local` gives a forced chunk: above any score, finite (ties break by index).
+FORCED_SCORE = 0.25 * float(jnp.finfo(jnp.float32).max)
+
+
+def force_local(scores, cur, local_chunks: int):
+    """Scores [..., C] with the chunks cur-local_chunks .. cur-2 ([...] cur: the query's own chunk;
+    cur-1 is forced by the selector itself) raised above every other score, so that a top-k
+    selector picks them whatever the representation says (`LongHeads(local_chunks=...)`)."""
+    c = jnp.arange(scores.shape[-1], dtype=jnp.int32)
+    cur = jnp.asarray(cur, jnp.int32)[..., None]
+    local = (c >= cur - local_chunks) & (c <= cur - 2) & (c >= 1)
+    return jnp.where(local, FORCED_SCORE, scores.astype(jnp.float32))
 
 
 def select(settings, q_BHtD, reps, cur, num_kv_heads: int, force_prev=True, keys=None, fine=None,
@@ -184,7 +200,7 @@ def select(settings, q_BHtD, reps, cur, num_kv_heads: int, force_prev=True, keys
     (rotated by their in-chunk offsets), for representations that read them."""
     B, H, t, _ = q_BHtD.shape
     cur = jnp.broadcast_to(jnp.asarray(cur, jnp.int32), (B, H, t))
-    return _pick(settings, chunk_scores(settings, q_BHtD, reps, num_kv_heads, cur, keys, fine, exact), cur,
+    return pick(settings, chunk_scores(settings, q_BHtD, reps, num_kv_heads, cur, keys, fine, exact), cur,
                  force_prev, exact)
 
 
@@ -208,7 +224,7 @@ def select_with_memory(settings, q_BHtD, reps, cur, num_kv_heads: int, force_pre
     ok = jnp.concatenate([vals > NEG_INF, (memory >= 1) & (memory <= cur[..., None] - 2)], axis=-1)
     ids = jnp.where(ok, ids, 0)
     scores = Shortlist.combine(coarse, ids, ok, Shortlist.fine_scores(q_BHtD, ids, keys))
-    return _pick(settings, _shared_by_group(settings, scores, num_kv_heads), cur, force_prev, exact=True)
+    return pick(settings, _shared_by_group(settings, scores, num_kv_heads), cur, force_prev, exact=True)
 
 
 def distances(settings, sel: Selection, cur, offset):

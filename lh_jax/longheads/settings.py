@@ -73,6 +73,9 @@ class LongHeads:
     bulk_chunks: chunks a prompt query outside the exact tail selects (3..num_chunks; None: num_chunks).
       The exact tail and decode keep `num_chunks`: the wide window is spent where the answer is read,
       the rest of the prompt attends to fewer chunks (its attention costs bulk_chunks/num_chunks).
+    local_chunks: the `local_chunks` chunks before a query's own are forced into its selection (a
+      local window of whole chunks inside the num_chunks; 0 or 1: the paper's previous chunk only),
+      in the prompt and in decode, by any selector that ranks scores.
     """
 
     chunk_size: int = 256
@@ -87,6 +90,7 @@ class LongHeads:
     record_selection: bool = False
     exact_tail: int = 0
     bulk_chunks: int | None = None
+    local_chunks: int = 0
 
     def __post_init__(self):
         _check_positive("LongHeads", "chunk_size", self.chunk_size)
@@ -101,6 +105,11 @@ class LongHeads:
                     or not 3 <= self.bulk_chunks <= self.num_chunks):
                 raise ValueError(f"LongHeads: bulk_chunks must be an integer in 3..num_chunks={self.num_chunks} "
                                  f"(or None), got {self.bulk_chunks!r}")
+        smallest = min(self.num_chunks, self.bulk_chunks or self.num_chunks)
+        if (not isinstance(self.local_chunks, int) or isinstance(self.local_chunks, bool)
+                or not 0 <= self.local_chunks <= smallest - 2):
+            raise ValueError(f"LongHeads: local_chunks must be an integer in 0..{smallest - 2} (chunk 0 and the "
+                             f"query's own chunk are forced too, among {smallest}), got {self.local_chunks!r}")
         if self.dense_length is None:
             object.__setattr__(self, "dense_length", self.window)
         if not isinstance(self.dense_length, int) or isinstance(self.dense_length, bool) or self.dense_length < 0:
@@ -135,9 +144,10 @@ class LongHeads:
                              f"(num_chunks - 1) * chunk_size = {(self.num_chunks - 1) * self.chunk_size}; below "
                              "that the released code selects masked future chunks")
         if (self.chunk_repr != "attn" or self.positions != "remap" or self.selection != "head"
-                or self.selector != "topk" or self.exact_tail):
+                or self.selector != "topk" or self.exact_tail or self.local_chunks > 1):
             raise ValueError("LongHeads(reference=True) reproduces the released code: use the default "
-                             "chunk_repr='attn', positions='remap', selection='head', selector='topk', exact_tail=0")
+                             "chunk_repr='attn', positions='remap', selection='head', selector='topk', exact_tail=0, "
+                             "local_chunks=0")
 
     @classmethod
     def recommended(cls, **overrides) -> "LongHeads":
