@@ -35,31 +35,35 @@ def test_best_key_scores_is_the_best_key_of_every_chunk():
             np.testing.assert_allclose(got[b, h], want, rtol=1e-5, atol=1e-5)
 
 
-def direct_memory_picks(q, keys, mean_keys, memory, cur, N):
+def direct_memory_picks(q, keys, mean_keys, memory, cur, N, R=1):
     """Decode's selection by definition for one query of one head: candidates are the N best free
     chunks (1..cur-2) by the mean key and the free chunks of `memory`; candidates ranked by their best
-    key, then every other chunk by the mean key; chunk 0, cur-1, cur forced."""
+    key, then every other chunk by the mean key; chunk 0, the own chunk and the R before it
+    (`local_chunks`; R=1: the previous one) forced, the ranking filling the other slots."""
     coarse = mean_keys @ q
     fine = (keys @ q).max(-1)
     free = list(range(1, cur - 1))
     by_coarse = sorted(free, key=lambda c: (-coarse[c], c))
     cand = set(by_coarse[:N]) | {c for c in memory if c in free}
     order = sorted(cand, key=lambda c: (-fine[c], c)) + [c for c in by_coarse if c not in cand]
-    return sorted(set(order[:max(0, N - 3)]) | {0} | ({cur - 1, cur} if cur >= 2 else {cur}))
+    forced = {0, cur} | set(range(max(1, cur - R), cur))
+    return sorted(forced | set([c for c in order if c not in forced][:max(0, N - 2 - R)]))
 
 
 @st.composite
 def memory_cases(draw):
     C = draw(st.integers(3, 14))
     N = draw(st.integers(3, 7))
+    R = draw(st.integers(1, N - 2))  # local_chunks (1: the paper's previous chunk only)
     seed = draw(st.integers(0, 2 ** 16))
-    return C, N, seed
+    return C, N, R, seed
 
 
 @SETTINGS
 @given(memory_cases())
 def test_decode_selection_equals_the_direct_definition(case):
-    C, N, seed = case
+    """Also with local chunks forced (`local_chunks=R`)."""
+    C, N, R, seed = case
     rng = np.random.default_rng(seed)
     B, K, G, l, D = 1, 2, 2, 4, 8
     H = K * G
@@ -67,14 +71,14 @@ def test_decode_selection_equals_the_direct_definition(case):
     keys = rng.standard_normal((B, K, C, l, D)).astype(np.float32)
     cur = rng.integers(0, C, size=(B, H, 1)).astype(np.int32)
     memory = rng.integers(0, C + 1, size=(B, H, 1, N)).astype(np.int32)  # C: an empty slot
-    settings_ = LongHeads(l, N, chunk_repr="mean", exact_tail=1)
+    settings_ = LongHeads(l, N, chunk_repr="mean", exact_tail=1, local_chunks=R)
     mean_keys = keys.mean(3)  # B K C D
     sel = select_with_memory(settings_, jnp.asarray(q), jnp.asarray(mean_keys), jnp.asarray(cur), K, True,
                              jnp.asarray(keys), jnp.asarray(memory))
     idx, ok = np.asarray(sel.chunks), np.asarray(sel.valid)
     for h in range(H):
         want = direct_memory_picks(q[0, h, 0], keys[0, h // G], mean_keys[0, h // G], memory[0, h, 0],
-                                   int(cur[0, h, 0]), N)
+                                   int(cur[0, h, 0]), N, R)
         assert idx[0, h, 0][ok[0, h, 0]].tolist() == want, (h, int(cur[0, h, 0]))
 
 

@@ -1,6 +1,7 @@
 """`LongHeads(local_chunks=R)`: the R chunks before a query's own are forced into its selection (a
 local window of whole chunks inside the num_chunks), in the prompt's selection pass, its exact tail
-and decode. Against a direct definition and the model's own forward pass."""
+and decode. Against a direct definition and the model's own forward pass (the decode's memory
+selection with local chunks: tests/test_exact_tail.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 
 from conftest import nothing_compiles
 from lh_jax.longheads import LongHeads
-from lh_jax.longheads.selection import pick, select_with_memory
+from lh_jax.longheads.selection import pick
 from lh_jax.methods import MethodSpec
 from test_longheads import IDS, T_LONG, TOL, forced_decode, gqa, lh, max_err, models, run_forward  # noqa: F401
 
@@ -81,43 +82,6 @@ def test_the_exact_tail_forces_the_local_chunks_too(gqa):
     hold the local chunks as well."""
     _, selected = run_forward(gqa, lh(num_chunks=6, local_chunks=3, exact_tail=40))
     _holds_local_chunks(selected[:, :, :, :T_LONG - FIRST], 3, FIRST)
-
-
-def direct_memory_local_picks(q, keys, mean_keys, memory, cur, N, R):
-    """Decode's selection of an exact-tail setting with local chunks, by definition: chunk 0, the own
-    chunk and the R before it; the rest ranked as without them (candidates, the N best free chunks
-    by the mean key and the free chunks of `memory`, by their best key; then the others by the mean
-    key), skipping the forced ones."""
-    coarse, fine = mean_keys @ q, (keys @ q).max(-1)
-    free = list(range(1, cur - 1))
-    by_coarse = sorted(free, key=lambda c: (-coarse[c], c))
-    cand = set(by_coarse[:N]) | {c for c in memory if c in free}
-    order = sorted(cand, key=lambda c: (-fine[c], c)) + [c for c in by_coarse if c not in cand]
-    forced = {0, cur} | set(range(max(1, cur - R), cur))
-    rest = [c for c in order if c not in forced][:max(0, N - 2 - R)]
-    return sorted(forced | set(rest))
-
-
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(cases())
-def test_decode_selection_equals_the_direct_definition(case):
-    C, N, R, seed = case
-    R = max(R, 1)
-    rng = np.random.default_rng(seed)
-    B, K, G, l, D = 1, 2, 2, 4, 8
-    H = K * G
-    q = rng.standard_normal((B, H, 1, D)).astype(np.float32)
-    keys = rng.standard_normal((B, K, C, l, D)).astype(np.float32)
-    cur = rng.integers(0, C, size=(B, H, 1)).astype(np.int32)
-    memory = rng.integers(0, C + 1, size=(B, H, 1, N)).astype(np.int32)  # C: an empty slot
-    mean_keys = keys.mean(3)
-    sel = select_with_memory(LongHeads(l, N, chunk_repr="mean", exact_tail=1, local_chunks=R), jnp.asarray(q),
-                             jnp.asarray(mean_keys), jnp.asarray(cur), K, True, jnp.asarray(keys), jnp.asarray(memory))
-    idx, ok = np.asarray(sel.chunks), np.asarray(sel.valid)
-    for h in range(H):
-        want = direct_memory_local_picks(q[0, h, 0], keys[0, h // G], mean_keys[0, h // G], memory[0, h, 0],
-                                         int(cur[0, h, 0]), N, R)
-        assert idx[0, h, 0][ok[0, h, 0]].tolist() == want, (h, int(cur[0, h, 0]))
 
 
 def test_local_chunks_of_one_are_the_paper():
