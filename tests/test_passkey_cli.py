@@ -229,6 +229,7 @@ def test_custom_haystack_needle_question(model_dir, tokenizer, tmp_path):
 
 @pytest.mark.parametrize("flags,match", [
     (["--haystack", "/nonexistent/hay.txt"], "--haystack file /nonexistent/hay.txt"),
+    (["--haystack", "play:macbeth+hamlett"], "--haystack play:macbeth\\+hamlett: unknown play 'hamlett'"),
     (["--needle", "The pass key is 12345."], "--needle must contain '{key}'"),
     (["--needle", "The {thing} is {key}."], "--needle .* not a valid template"),
     (["--methods", "full,banana"], "unknown method 'banana'"),
