@@ -152,9 +152,12 @@ class LongHeads:
     @classmethod
     def recommended(cls, **overrides) -> "LongHeads":
         """This project's setting for retrieval beyond the trained length (a 4096-token window), as
-        opposed to `LongHeads()`, the paper's. See README, "Which setting"."""
+        opposed to `LongHeads()`, the paper's: 128-token chunks x 32, a cheap summary for most
+        queries, exact best-key selection for the prompt's last 1,024 tokens and for decode, and
+        the 8 chunks before each query always kept. Keyword arguments override any of these
+        (`local_chunks=1`: the setting before the local chunks). See README, "Which setting"."""
         return cls(**{"chunk_size": 128, "num_chunks": 32, "chunk_repr": "mean-parts:4", "exact_tail": 1024,
-                      **overrides})
+                      "local_chunks": 8, **overrides})
 
     # --- derived settings ------------------------------------------------------------------------
 
