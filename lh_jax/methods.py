@@ -60,6 +60,11 @@ def _window(text: str, part: str) -> tuple[int, int]:
     return chunk_size, num_chunks
 
 
+#: integer OPTIONs of longheads: option -> (LongHeads field, what the value must be)
+_INT_OPTIONS = {"tail": ("exact_tail", "a non-negative integer"), "bulk": ("bulk_chunks", "a positive integer (chunks)"),
+                "local": ("local_chunks", "a non-negative integer (chunks)")}
+
+
 def _options(text: str, method: str, options: list[str]) -> dict[str, Any]:
     """OPTION tokens -> LongHeads keyword arguments."""
     from lh_jax.longheads import POSITION_SCHEMES, SELECTORS
@@ -71,20 +76,11 @@ def _options(text: str, method: str, options: list[str]) -> dict[str, Any]:
                           else "selector" if token in SELECTORS else "repr"), token
         if key not in _KEYS:
             raise _error(text, f"unknown option {key!r} (known: {', '.join(_KEYS)})")
-        if key == "tail":
+        if key in _INT_OPTIONS:
+            field, what = _INT_OPTIONS[key]
             if method != "longheads" or not value.isdigit():
-                raise _error(text, f"tail={value!r}: a non-negative integer, for longheads only")
-            out["exact_tail"] = int(value)
-            continue
-        if key == "bulk":
-            if method != "longheads" or not value.isdigit():
-                raise _error(text, f"bulk={value!r}: a positive integer (chunks), for longheads only")
-            out["bulk_chunks"] = int(value)
-            continue
-        if key == "local":
-            if method != "longheads" or not value.isdigit():
-                raise _error(text, f"local={value!r}: a non-negative integer (chunks), for longheads only")
-            out["local_chunks"] = int(value)
+                raise _error(text, f"{key}={value!r}: {what}, for longheads only")
+            out[field] = int(value)
             continue
         if method != "longheads" and key != "dense":
             raise _error(text, f"{method} takes only the option dense=N, got {token!r}")
