@@ -101,6 +101,32 @@ def build_prompt(tokenizer, n_tokens: int, depth: float, key: str | int, haystac
     return PasskeyPrompt(ids, key, depth, start, start + _ntok(tokenizer, needle_text))
 
 
+#: Tokens `region_layout` keeps at the prompt's start (the instruction) and around the needle, in blocks.
+REGION_BLOCK = 128
+
+
+def region_layout(prompt: PasskeyPrompt, window: int, block: int = REGION_BLOCK) -> PasskeyPrompt:
+    """The `window`-token prompt that calibrates a long prompt's region with full attention: the
+    long prompt's first `block` tokens (the instruction), the `block`-aligned tokens holding the
+    needle, and then its last tokens (the text before the question, and the question), in order.
+    It asks the model what a short window of the same text, needle and question gives: a 4k
+    calibration from the haystack's start says nothing about the text a 32k prompt's question follows."""
+    ids = np.asarray(prompt.ids)
+    T = len(ids)
+    if window >= T:
+        raise ValueError(f"a {window}-token region must be shorter than the {T}-token prompt")
+    keep = np.zeros(T, bool)
+    keep[:block] = True
+    keep[(prompt.needle_start // block) * block:min(T, -(-prompt.needle_end // block) * block)] = True
+    rest = window - int(keep.sum())
+    if rest < block:
+        raise ValueError(f"a {window}-token region cannot hold the first {block} tokens, the needle's blocks "
+                         f"and {block} tokens before the question")
+    keep[np.flatnonzero(~keep)[-rest:]] = True
+    start = int(keep[:prompt.needle_start].sum())
+    return PasskeyPrompt(ids[keep], prompt.key, prompt.depth, start, start + prompt.needle_end - prompt.needle_start)
+
+
 def answer_matches(text: str, key: str) -> bool:
     found = re.findall(r"\d+", text)
     return bool(found) and found[0] == key
@@ -147,6 +173,7 @@ class Setup:
     haystack_path: str | None
     needle: str
     question: str
+    region: int | None = None  # --region: score each prompt's region_layout of this many tokens
 
 
 def load_haystack(arg: str | None) -> tuple[str | None, str]:
@@ -188,7 +215,19 @@ def check_args(args) -> Setup:
     if not args.question.strip():
         raise ValueError("--question must not be empty")
     haystack, haystack_id = load_haystack(args.haystack)
-    return Setup(lengths, depths, specs, haystack, haystack_id, args.haystack, args.needle, args.question)
+    region = None
+    if getattr(args, "region", None) is not None:
+        try:
+            (region,) = parse_lengths(args.region)
+        except ValueError:
+            raise ValueError(f"--region must be one positive token count like 4k, got {args.region!r}") from None
+        if region < 3 * REGION_BLOCK:
+            raise ValueError(f"--region {args.region}: at least {3 * REGION_BLOCK} tokens (the instruction's, the "
+                             f"needle's and the question's blocks of {REGION_BLOCK})")
+        short = [n for n in lengths if n <= region]
+        if short:
+            raise ValueError(f"--region {args.region} must be shorter than every --lengths (got {short[0]})")
+    return Setup(lengths, depths, specs, haystack, haystack_id, args.haystack, args.needle, args.question, region)
 
 
 def build_prompts(tokenizer, setup: Setup, trials: int, seed: int) -> dict[tuple, PasskeyPrompt]:
@@ -204,6 +243,11 @@ def build_prompts(tokenizer, setup: Setup, trials: int, seed: int) -> dict[tuple
                     flag = (f"--haystack {setup.haystack_path}" if str(e).startswith("haystack")
                             else f"--lengths {n}")
                     raise ValueError(f"{flag}: {e}") from None
+                if setup.region:
+                    try:
+                        prompts[n, d, t] = region_layout(prompts[n, d, t], setup.region)
+                    except ValueError as e:
+                        raise ValueError(f"--region {setup.region}: {e}") from None
     return prompts
 
 
@@ -213,7 +257,8 @@ def cell_key(args, spec, n: int, d: float, t: int, setup: Setup) -> dict:
     model = args.model if args.model == "default" or not os.path.exists(args.model) else os.path.abspath(args.model)
     return {"task": "passkey", "model": model, "dtype": args.dtype, "method": spec.to_dict(), **spec.cell_fields(),
             "length": n, "depth": d, "trial": t, "seed": args.seed, "needle": setup.needle, "question": setup.question,
-            "haystack": setup.haystack_id, "max_new_tokens": args.max_new_tokens}
+            "haystack": setup.haystack_id, "max_new_tokens": args.max_new_tokens,
+            **({"region": setup.region} if setup.region else {})}
 
 
 def run(args, setup: Setup, store, tokenizer, prompts: dict | None = None) -> list[dict]:
@@ -385,6 +430,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "play:macbeth+othello)")
     p.add_argument("--needle", default=NEEDLE, help="needle template; must contain {key}")
     p.add_argument("--question", default=QUESTION, help="the text after the haystack that asks for the key")
+    p.add_argument("--region", default=None, metavar="TOKENS",
+                   help="calibration: score each prompt cut to TOKENS tokens of its own region (its first 128 "
+                        "tokens, the needle's 128-token blocks, the tokens before the question), e.g. with "
+                        "--methods full --region 4k: what full attention does on a short window of the same text")
     p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
                    help="no (method, length) group after the first starts once this many seconds are spent "
                         "(finished cells are kept; a rerun resumes)")

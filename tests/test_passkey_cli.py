@@ -241,6 +241,9 @@ def test_custom_haystack_needle_question(model_dir, tokenizer, tmp_path):
     (["--batch-size", "0"], "--batch-size must be a positive integer"),
     (["--question", "  "], "--question must not be empty"),
     ("short-haystack", r"--haystack .*hay\.txt: haystack has \d+ tokens, fewer than"),
+    (["--region", "4k"], "--region 4k must be shorter than every --lengths \\(got 256\\)"),
+    (["--region", "four"], "--region must be one positive token count"),
+    (["--region", "100"], "--region 100: at least 384 tokens"),
 ])
 def test_bad_input_fails_before_loading_the_model(model_dir, tmp_path, monkeypatch, capsys, flags, match):
     if flags == "short-haystack":
@@ -262,3 +265,36 @@ def test_budget_stops_starting_groups(base, model_dir, tmp_path, capsys):
     groups = {(r["method"]["method"], r["length"]) for r in data["rows"]}
     assert groups == {("full", 150)}  # the first group starts (nothing spent yet), no other
     assert "--budget 0s spent" in capsys.readouterr().err
+
+
+def test_region_layout_is_start_needle_blocks_and_end(tokenizer):
+    """region_layout against its direct definition: the first block, the needle's whole blocks, then
+    the prompt's last tokens, concatenated; the needle's tokens intact where the new prompt says."""
+    p = pk.build_prompt(tokenizer, 900, 0.5, 48151)
+    block, window = 64, 400
+    ids = list(p.ids)
+    a, b = (p.needle_start // block) * block, -(-p.needle_end // block) * block
+    rest = window - block - (b - a)
+    expected = ids[:block] + ids[a:b] + ids[-rest:]
+    assert b < len(ids) - rest  # the three parts do not overlap in this prompt
+    r = pk.region_layout(p, window, block)
+    assert list(r.ids) == expected and len(r.ids) == window
+    assert list(r.ids[r.needle_start:r.needle_end]) == ids[p.needle_start:p.needle_end]
+    assert (r.key, r.depth) == (p.key, p.depth)
+    late = pk.build_prompt(tokenizer, 900, 0.95, 48151)  # the needle inside the last tokens: kept once
+    r = pk.region_layout(late, window, block)
+    assert len(r.ids) == window and list(r.ids[-50:]) == list(late.ids[-50:])
+    assert list(r.ids[r.needle_start:r.needle_end]) == list(late.ids[late.needle_start:late.needle_end])
+    with pytest.raises(ValueError, match=f"shorter than the {len(p.ids)}-token prompt"):
+        pk.region_layout(p, len(p.ids), block)
+
+
+def test_region_flag_scores_the_layout(model_dir, tokenizer, tmp_path):
+    """--region: each cell's prompt is the region layout of the long prompt (same key), in its own cells."""
+    data = run_cli(model_dir, tmp_path, "--methods", "full", "--lengths", "600", "--depths", "0.5",
+                   "--region", "400")
+    (row,) = data["rows"]
+    p = pk.build_prompt(tokenizer, 600, 0.5, pk.passkey_for(0, 600, 0.5, 0))
+    r = pk.region_layout(p, 400)
+    assert row["region"] == 400 and row["length"] == 600 and row["tokens"] == 400
+    assert row["prompt_sha1"] == pk.prompt_digest(r.ids) and row["key"] == p.key
