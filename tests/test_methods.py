@@ -78,7 +78,7 @@ def test_a_named_setting_is_cached_under_what_it_computes(monkeypatch):
         model, dtype, seed, max_new_tokens = "default", "float32", 0, 8
 
     class Setup:
-        needle, question, haystack_id = "n {key}", "q", "filler"
+        needle, question, haystack_id, region = "n {key}", "q", "filler", None
 
     today = MethodSpec("longheads:recommended")
     spelled = MethodSpec(today.resolved_name)
