@@ -292,7 +292,7 @@ def run(args, setup: Setup, store, tokenizer, prompts: dict | None = None) -> li
                 if group and args.budget is not None and time.perf_counter() - started > args.budget:
                     print(f"[passkey] --budget {args.budget:g}s spent: {spec.label} @ {n} not run", file=sys.stderr)
                     continue
-                config_n, attention = spec.build(config, n)
+                config_n, attention = spec.build(config, setup.region or n)  # the length it reads
                 for b in range(0, len(pending), args.batch_size):
                     batch = pending[b:b + args.batch_size]
                     ps = [prompts[n, d, t] for d, t, _ in batch]
