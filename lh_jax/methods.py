@@ -9,8 +9,9 @@
                                  (attn, mean, bounds, best-key, attn-parts:16, ...), a selector
                                  (topk, recent), positions (remap, original), selection (head, group),
                                  dense=N, tail=N (exact_tail), bulk=N (bulk_chunks), local=N
-                                 (local_chunks); or key=value: repr=, selector=, positions=,
-                                 selection=, dense=, tail=, bulk=, local=
+                                 (local_chunks), reread=N (generate re-reads N voted chunks; 0:
+                                 off); or key=value: repr=, selector=, positions=, selection=,
+                                 dense=, tail=, bulk=, local=, reread=
     longheads:recommended        lh_jax.LongHeads.recommended() (OPTIONs override it)
     longheads-ref[:CxN]          LongHeads as the authors' released code behaves (option: dense=N)
     +ntk / +pi / +yarn[:FACTOR]  RoPE scaling on top of a window method
@@ -35,7 +36,7 @@ WINDOW_METHODS = ("sliding", "longheads", "longheads-ref")
 ROPE_SCALINGS = ("pi", "ntk", "yarn")
 _ROPE_TYPE = {"pi": "linear", "ntk": "dynamic", "yarn": "yarn"}
 GRAMMAR = "METHOD[:CxN][/OPTION...][+ntk|+pi|+yarn], e.g. 'longheads:128x32/best-key' (see lh_jax.methods)"
-_KEYS = ("repr", "selector", "positions", "selection", "dense", "tail", "bulk", "local")
+_KEYS = ("repr", "selector", "positions", "selection", "dense", "tail", "bulk", "local", "reread")
 
 
 def _error(text: str, why: str) -> ValueError:
@@ -62,7 +63,8 @@ def _window(text: str, part: str) -> tuple[int, int]:
 
 #: integer OPTIONs of longheads: option -> (LongHeads field, what the value must be)
 _INT_OPTIONS = {"tail": ("exact_tail", "a non-negative integer"), "bulk": ("bulk_chunks", "a positive integer (chunks)"),
-                "local": ("local_chunks", "a non-negative integer (chunks)")}
+                "local": ("local_chunks", "a non-negative integer (chunks)"),
+                "reread": ("reread", "a non-negative integer (chunks re-read; 0: off)")}
 
 
 def _options(text: str, method: str, options: list[str]) -> dict[str, Any]:
@@ -81,6 +83,9 @@ def _options(text: str, method: str, options: list[str]) -> dict[str, Any]:
             if method != "longheads" or not value.isdigit():
                 raise _error(text, f"{key}={value!r}: {what}, for longheads only")
             out[field] = int(value)
+            if field == "reread":
+                from lh_jax.longheads import Reread
+                out[field] = Reread(chunks=int(value)) if int(value) else None
             continue
         if method != "longheads" and key != "dense":
             raise _error(text, f"{method} takes only the option dense=N, got {token!r}")
@@ -178,6 +183,8 @@ class MethodSpec:
                     name += f"/bulk={lh.bulk_chunks}"
                 if lh.local_chunks > 1:
                     name += f"/local={lh.local_chunks}"
+                if lh.reread is not None:
+                    name += f"/reread={lh.reread.chunks}"
         if self.rope_scaling != "none":
             name += f"+{self.rope_scaling}" + (f":{self.rope_factor:g}" if self.rope_factor is not None else "")
         return name

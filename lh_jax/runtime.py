@@ -9,7 +9,9 @@ prompt length and the number of new tokens so one compilation serves many reques
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import sys
 from collections import Counter
 from typing import Any
 
@@ -455,6 +457,10 @@ def generate(params, config: ModelConfig, input_ids, max_new_tokens: int, attent
     if max_cache_length is not None and T + max_new_tokens > max_cache_length:
         raise CacheCapacityError(f"prompt of {T} tokens + max_new_tokens={max_new_tokens} exceeds "
                                  f"max_cache_length={max_cache_length}")
+    original = ids
+    if getattr(attention, "reread", None) is not None:
+        ids, mask, attention = reread_prompts(params, config, ids, mask, attention, progress)
+        B, T = ids.shape
     eos = config.eos_token_id
     eos_ids = None
     if stop_at_eos and eos is not None:
@@ -469,7 +475,43 @@ def generate(params, config: ModelConfig, input_ids, max_new_tokens: int, attent
     new = _generate(params, jnp.asarray(ids_p), jnp.asarray(mask_p), jnp.int32(max_new_tokens), config, attention,
                     capacity, steps, jax.random.PRNGKey(seed), jnp.float32(temperature), jnp.float32(top_p), eos_ids,
                     kv_dtype.name, _progress_wanted(progress, T))
-    return jnp.concatenate([jnp.asarray(ids), new[:, :max_new_tokens]], axis=1)
+    return jnp.concatenate([jnp.asarray(original), new[:, :max_new_tokens]], axis=1)
+
+
+def _left_pad(rows: list[np.ndarray], bucket: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded [B, T] ids and mask of 1-D rows (T rounded up to a multiple of `bucket`)."""
+    T = _round_up(max(len(r) for r in rows), bucket)
+    ids = np.zeros((len(rows), T), np.int32)
+    mask = np.zeros((len(rows), T), bool)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):], mask[i, T - len(r):] = r, True
+    return ids, mask
+
+
+def reread_prompts(params, config: ModelConfig, ids, mask, attention, progress=None):
+    """`attention.reread` (lh_jax/longheads/reread.py): each row longer than LongHeads reads whole
+    is replaced by its re-read prompt, chosen by the votes of the first layers' heads. Returns the
+    new (ids, mask) and the attention to answer with (the same settings without re-reading)."""
+    from lh_jax.longheads.reread import Voter, pick_chunks, short_prompt
+    rr, l = attention.reread, attention.chunk_size
+    answer_with = dataclasses.replace(attention, reread=None)
+    rows = [np.asarray(r)[m] for r, m in zip(ids, mask)]
+    long = [i for i, r in enumerate(rows) if rr.applies(len(r), l, attention.dense_length)]
+    if not long:
+        return ids, mask, answer_with
+    L = rr.voting_layers(config.num_layers)
+    sub = {**params, "layers": jax.tree.map(lambda a: a[:L], params["layers"])}
+    sub_config = dataclasses.replace(config, num_layers=L)
+    vote_ids, vote_mask = _left_pad([rows[i] for i in long], PROMPT_BUCKET)
+    if _progress_wanted(progress, vote_ids.shape[1]):
+        print(f"[lh-jax] re-read: the first {L} layers vote over {vote_ids.shape[1]} tokens", file=sys.stderr)
+    _, aux = _forward(sub, jnp.asarray(vote_ids), jnp.asarray(vote_mask), sub_config,
+                      Voter(answer_with, rr, l), True, 1)
+    chosen = pick_chunks(jnp.sum(aux, axis=0), rr)
+    for j, i in enumerate(long):
+        rows[i] = short_prompt(rows[i], chosen[j], l, rr.recent)
+    ids, mask = _left_pad(rows)
+    return ids, mask, answer_with
 
 
 def cut_at_eos(ids, eos_token_id) -> list[int]:
@@ -483,10 +525,7 @@ def cut_at_eos(ids, eos_token_id) -> list[int]:
 def generate_batch(params, config: ModelConfig, prompts, max_new_tokens: int, attention=None) -> list[list[int]]:
     """Greedy continuations of prompts of different lengths (1-D id arrays), run as one left-padded
     batch; each row's new ids cut at its first EOS."""
-    T = max(len(p) for p in prompts)
-    ids = np.zeros((len(prompts), T), np.int32)
-    mask = np.zeros((len(prompts), T), bool)
-    for i, p in enumerate(prompts):
-        ids[i, T - len(p):], mask[i, T - len(p):] = p, True
+    ids, mask = _left_pad([np.asarray(p) for p in prompts])
+    T = ids.shape[1]
     out = np.asarray(generate(params, config, ids, max_new_tokens, attention=attention, attention_mask=mask))
     return [cut_at_eos(row[T:], config.eos_token_id) for row in out]

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from lh_jax.longheads.representations import representation_from_name
+from lh_jax.longheads.reread import Reread
 from lh_jax.longheads.selection import POSITION_SCHEMES, SELECTORS
 from lh_jax.models.attention import AttentionContext, storage_dtype, to_storage
 from lh_jax.models.config import ModelConfig
@@ -91,6 +92,7 @@ class LongHeads:
     exact_tail: int = 0
     bulk_chunks: int | None = None
     local_chunks: int = 0
+    reread: Reread | None = None
 
     def __post_init__(self):
         _check_positive("LongHeads", "chunk_size", self.chunk_size)
@@ -132,6 +134,8 @@ class LongHeads:
         if not isinstance(self.kernel, Dispatch):
             raise ValueError(f"LongHeads: kernel must be a lh_jax.longheads.Dispatch(...) of kernel knobs, "
                              f"got {self.kernel!r}")
+        if self.reread is not None and not isinstance(self.reread, Reread):
+            raise ValueError(f"LongHeads: reread must be a lh_jax.longheads.Reread(...) or None, got {self.reread!r}")
         if self.reference:
             self._check_reference()
 
@@ -144,20 +148,22 @@ class LongHeads:
                              f"(num_chunks - 1) * chunk_size = {(self.num_chunks - 1) * self.chunk_size}; below "
                              "that the released code selects masked future chunks")
         if (self.chunk_repr != "attn" or self.positions != "remap" or self.selection != "head"
-                or self.selector != "topk" or self.exact_tail or self.local_chunks > 1):
+                or self.selector != "topk" or self.exact_tail or self.local_chunks > 1 or self.reread):
             raise ValueError("LongHeads(reference=True) reproduces the released code: use the default "
                              "chunk_repr='attn', positions='remap', selection='head', selector='topk', exact_tail=0, "
-                             "local_chunks=0")
+                             "local_chunks=0, reread=None")
 
     @classmethod
     def recommended(cls, **overrides) -> "LongHeads":
         """This project's setting for retrieval beyond the trained length (a 4096-token window), as
         opposed to `LongHeads()`, the paper's: 128-token chunks x 32, a cheap summary for most
-        queries, exact best-key selection for the prompt's last 1,024 tokens and for decode, and
-        the 8 chunks before each query always kept. Keyword arguments override any of these
-        (`local_chunks=1`: the setting before the local chunks). See README, "Which setting"."""
+        queries, exact best-key selection for the prompt's last 1,024 tokens and for decode, the
+        8 chunks before each query always kept, and `generate` answering a prompt longer than the
+        window from a re-read of it (`Reread()`: chunk 0, 12 chunks voted for by the first
+        layers' heads, the last 1,024 tokens). Keyword arguments override any of these
+        (`reread=None`: the setting before re-reading). See README, "Which setting"."""
         return cls(**{"chunk_size": 128, "num_chunks": 32, "chunk_repr": "mean-parts:4", "exact_tail": 1024,
-                      "local_chunks": 8, **overrides})
+                      "local_chunks": 8, "reread": Reread(), **overrides})
 
     # --- derived settings ------------------------------------------------------------------------
 
@@ -186,6 +192,8 @@ class LongHeads:
     supports_continued_prefill = False
 
     def validate(self, config: ModelConfig) -> None:
+        if self.reread is not None:
+            self.reread.voting_layers(config.num_layers)
         if self.window > config.trained_length:
             warnings.warn(f"LongHeads window chunk_size*num_chunks={self.window} exceeds the model's trained "
                           f"length {config.trained_length}: attended distances leave the trained range, "

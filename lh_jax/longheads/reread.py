@@ -1,0 +1,147 @@
+"""Re-reading: answer a long prompt from a short window of it that the model's early heads choose.
+
+Axis legend: B batch, T tokens, H query heads, K kv heads, G query heads per kv head, n voting
+queries, C chunks, D head_dim.
+
+A generation-time strategy of `LongHeads(reread=Reread(...))` (on in `LongHeads.recommended()`):
+
+1. vote: the prompt runs through the model's first `layers` layers only (with the LongHeads
+   attention, so the cost is linear), and every head of those layers scores each chunk by its best
+   key (max_j q·k_j, keys rotated by their in-chunk offset) for the prompt's last `query_tokens`
+   queries (the question) and for the `background_tokens` queries before them. A chunk's vote is
+   sum over heads of p_q(c)·log(p_q(c) / p_bg(c)), p_q and p_bg the softmax over chunks averaged
+   over the question's and the background's queries: chunks the question looks at more than the
+   text before it does (a chunk every query attends to, such as a sink, gets no vote).
+2. re-read: the model then reads a short prompt made of chunk 0 (the instruction), the `chunks`
+   best-voted chunks in document order and the prompt's last `recent` tokens, with ordinary
+   attention at in-distribution positions, and answers from it (the cache then holds only that).
+
+Why (docs/results.md, 2026-12-07): on natural text beyond the trained length the deep heads that
+answer do not find the needle among the chunks of a long prompt, and even when given it they read it
+through a context the short prompts the model was trained on never had; an early head finds it,
+and the model answers from a short prompt holding it. Logits for every prompt token (perplexity,
+`forward`, `prefill`) do not use this: it changes only what `generate` answers with.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lh_jax.models.attention import AttentionContext
+
+
+def _positive(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"Reread: {name} must be a positive integer, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Reread:
+    """What a long prompt is re-read as (see the module docstring).
+
+    chunks: chunks picked by the vote (besides chunk 0).
+    recent: the prompt's last tokens kept (the question and the text just before it).
+    layers: the first `layers` layers vote (None: the first quarter of the model, rounded up).
+    query_tokens: the prompt's last tokens whose attention votes for chunks (the question).
+    background_tokens: the tokens before those whose attention is the baseline a vote must beat.
+    """
+
+    chunks: int = 12
+    recent: int = 1024
+    layers: int | None = None
+    query_tokens: int = 32
+    background_tokens: int = 256
+
+    def __post_init__(self):
+        for name in ("chunks", "recent", "query_tokens", "background_tokens"):
+            _positive(name, getattr(self, name))
+        if self.layers is not None:
+            _positive("layers", self.layers)
+        if self.query_tokens + self.background_tokens > self.recent:
+            raise ValueError(f"Reread: query_tokens + background_tokens = "
+                             f"{self.query_tokens + self.background_tokens} must fit in recent={self.recent}")
+
+    def voting_layers(self, num_layers: int) -> int:
+        n = math.ceil(num_layers / 4) if self.layers is None else self.layers
+        if n > num_layers:
+            raise ValueError(f"Reread: layers={n} but the model has {num_layers} layers")
+        return n
+
+    def short_length(self, chunk_size: int) -> int:
+        """Tokens of the re-read prompt."""
+        return chunk_size * (1 + self.chunks) + self.recent
+
+    def applies(self, prompt_length: int, chunk_size: int, dense_length: int) -> bool:
+        """A prompt is re-read when LongHeads would not read it whole with ordinary attention
+        (longer than `dense_length`) and the re-read prompt is shorter than it."""
+        return prompt_length > max(dense_length, self.short_length(chunk_size))
+
+
+@dataclasses.dataclass(frozen=True)
+class Voter:
+    """An attention function for the voting pass: `inner`'s output, and each chunk's vote as aux."""
+
+    inner: object
+    reread: Reread
+    chunk_size: int
+
+    def validate(self, config) -> None:
+        self.inner.validate(config)
+
+    def __call__(self, q, k, v, *, config, rope, ctx: AttentionContext, cache):
+        out, writes, _ = self.inner(q, k, v, config=config, rope=rope, ctx=ctx, cache=cache)
+        return out, writes, chunk_votes(q, k, ctx, rope, self.reread, self.chunk_size)
+
+
+def chunk_votes(q_BTHD, k_BTKD, ctx: AttentionContext, rope, reread: Reread, chunk_size: int):
+    """[B, C] votes of one layer's heads for each chunk of a left-padded prompt (C = T // chunk_size
+    + 1); -inf where a chunk is not a candidate (chunk 0, chunks reaching into the last `recent`
+    tokens, padding)."""
+    B, T, H, D = q_BTHD.shape
+    K = k_BTKD.shape[2]
+    l = chunk_size
+    C = T // l + 1
+    n_q, n_bg = reread.query_tokens, reread.background_tokens
+    n = n_q + n_bg
+    pos = ctx.positions  # [B, T]
+    real = ctx.token_mask
+    length = jnp.sum(real, axis=1).astype(jnp.int32)  # [B]
+    k = rope.apply(k_BTKD, pos % l).astype(jnp.float32)  # rotated by the in-chunk offset
+    q = q_BTHD[:, T - n:].astype(jnp.float32).reshape(B, n, K, H // K, D)
+    chunk_of = jnp.where(real, pos // l, C)  # padding to an extra segment, dropped below
+    candidate = (jnp.arange(C)[None] >= 1) & ((jnp.arange(C)[None] + 1) * l <= (length - reread.recent)[:, None])
+
+    def one_row(q_nKGD, k_TKD, seg_T, cand_C):
+        s = jnp.einsum("nKGD,TKD->TKGn", q_nKGD, k_TKD) * (D ** -0.5)
+        best = jax.ops.segment_max(s, seg_T, num_segments=C + 1)[:C]  # [C, K, G, n]
+        best = jnp.where(cand_C[:, None, None, None], best, -jnp.inf)
+        p = jax.nn.softmax(best, axis=0)
+        p_q, p_bg = jnp.mean(p[..., n_bg:], axis=-1), jnp.mean(p[..., :n_bg], axis=-1)  # [C, K, G]
+        w = p_q * (jnp.log(p_q + 1e-6) - jnp.log(p_bg + 1e-6))
+        return jnp.where(cand_C, jnp.sum(w, axis=(1, 2)), -jnp.inf)
+
+    return jax.vmap(one_row)(q, k, chunk_of, candidate)
+
+
+def pick_chunks(votes_BC, reread: Reread) -> np.ndarray:
+    """[B, chunks] chunk indices, in document order, of the best votes (ties to the earlier chunk)."""
+    votes = np.asarray(votes_BC, np.float64)
+    out = np.empty((votes.shape[0], reread.chunks), np.int64)
+    for b, row in enumerate(votes):
+        if np.sum(np.isfinite(row)) < reread.chunks:
+            raise AssertionError("fewer candidate chunks than Reread.chunks")  # excluded by `applies`
+        order = np.argsort(-row, kind="stable")[:reread.chunks]
+        out[b] = np.sort(order)
+    return out
+
+
+def short_prompt(ids_T: np.ndarray, chunks, chunk_size: int, recent: int) -> np.ndarray:
+    """The re-read prompt of one (unpadded) prompt: chunk 0, the chosen chunks in order, the last
+    `recent` tokens."""
+    ids_T = np.asarray(ids_T)
+    parts = [ids_T[:chunk_size]] + [ids_T[c * chunk_size:(c + 1) * chunk_size] for c in chunks]
+    return np.concatenate(parts + [ids_T[len(ids_T) - recent:]])
