@@ -509,7 +509,7 @@ def reread_prompts(params, config: ModelConfig, ids, mask, attention, progress=N
                       Voter(answer_with, rr, l), True, 1)
     chosen = pick_chunks(jnp.sum(aux, axis=0), rr)
     for j, i in enumerate(long):
-        rows[i] = short_prompt(rows[i], chosen[j], l, rr.recent)
+        rows[i] = short_prompt(rows[i], chosen[j], l, rr.recent, rr.margin)
     ids, mask = _left_pad(rows)
     return ids, mask, answer_with
 

@@ -105,7 +105,7 @@ def test_bad_local_chunks_fail_at_construction(bad):
 def test_local_option_in_the_method_grammar():
     spec = MethodSpec("longheads:recommended/local=8")
     assert spec.longheads.local_chunks == 8 and spec.name == "longheads:recommended/local=8"
-    assert spec.resolved_name == "longheads:128x32/mean-parts:4/tail=1024/local=8/reread=12"
+    assert spec.resolved_name == "longheads:128x32/mean-parts:4/tail=1024/local=8/reread=8"
     assert MethodSpec("longheads:128x32/local=1").name == "longheads:128x32"
     for bad in ("longheads:128x32/local=x", "longheads:128x32/local=31", "sliding:128x32/local=4"):
         with nothing_compiles(), pytest.raises(ValueError, match="local"):

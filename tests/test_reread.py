@@ -92,16 +92,20 @@ def test_votes_equal_the_direct_definition(case):
                 assert got[b, c] == -np.inf, (b, c)
 
 
-def test_short_prompt_layout():
+@pytest.mark.parametrize("margin", [0, 3, 9])
+def test_short_prompt_layout(margin):
+    """Chunk 0, each chunk widened by the margin (overlaps merged, clipped to the prompt), the last
+    tokens: each token once, in order."""
     ids = np.arange(1000, 1100)
-    got = short_prompt(ids, [3, 5], 8, 20)
-    want = [i for i in range(100) if i < 8 or 24 <= i < 32 or 40 <= i < 48 or i >= 80]
-    assert got.tolist() == (1000 + np.array(want)).tolist()
+    chunks, l, recent = [1, 3, 5, 11], 8, 20
+    spans = [range(0, l), range(100 - recent, 100)] + [range(c * l - margin, (c + 1) * l + margin) for c in chunks]
+    want = [i for i in range(100) if any(i in s for s in spans)]
+    assert short_prompt(ids, chunks, l, recent, margin).tolist() == (1000 + np.array(want)).tolist()
 
 
 # --- generate ------------------------------------------------------------------------------------
 
-RR = Reread(chunks=3, recent=24, query_tokens=4, background_tokens=8)
+RR = Reread(chunks=3, margin=4, recent=24, query_tokens=4, background_tokens=8)
 ATTN = LongHeads(chunk_size=8, num_chunks=8, dense_length=64, chunk_repr="mean", reread=RR)
 
 
@@ -132,7 +136,7 @@ def expected_short_prompt(model, ids, attention):
         for c, v in direct_votes(q, k, len(ids), l, rr).items():
             total[c] = total.get(c, 0.0) + v
     top = sorted(sorted(total, key=lambda c: (-total[c], c))[:rr.chunks])
-    return short_prompt(ids, top, l, rr.recent), top
+    return short_prompt(ids, top, l, rr.recent, rr.margin), top
 
 
 @pytest.mark.parametrize("variant", ["llama_gqa2_tied", "llama_mha"])
@@ -140,7 +144,7 @@ def test_generate_answers_from_the_voted_short_prompt(tiny, variant):
     model = tiny(variant)
     ids = random_ids((200,), seed=3)
     short, top = expected_short_prompt(model, ids, ATTN)
-    assert len(short) == 8 * 4 + 24 and len(top) == 3
+    assert len(top) == 3 and 8 + 3 * 8 + 24 <= len(short) <= RR.short_length(8) < 200
     got = np.asarray(lh_jax.generate(model.params, model.config, ids[None], 6, attention=ATTN))
     want = np.asarray(lh_jax.generate(model.params, model.config, short[None], 6,
                                       attention=dataclasses.replace(ATTN, reread=None)))
@@ -169,7 +173,7 @@ def test_short_prompts_are_not_reread(tiny):
 # --- bad input -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs,names", [
-    (dict(chunks=0), "chunks"), (dict(recent=-1), "recent"), (dict(layers=0), "layers"),
+    (dict(chunks=0), "chunks"), (dict(recent=-1), "recent"), (dict(layers=0), "layers"), (dict(margin=-1), "margin"),
     (dict(query_tokens=2.5), "query_tokens"), (dict(recent=16, query_tokens=8, background_tokens=9), "recent"),
 ])
 def test_bad_reread_parameters_are_named(kwargs, names):
@@ -193,7 +197,7 @@ def test_method_names():
     assert MethodSpec("longheads:recommended/reread=0").longheads.reread is None
     spec = MethodSpec("longheads:64x8/reread=5")
     assert spec.longheads.reread == Reread(chunks=5) and spec.name == "longheads:64x8/reread=5"
-    assert MethodSpec("longheads:recommended").resolved_name.endswith("/reread=12")
+    assert MethodSpec("longheads:recommended").resolved_name.endswith("/reread=8")
     for bad in ("longheads:recommended/reread=x", "sliding:64x8/reread=2"):
         with pytest.raises(ValueError, match="reread"):
             MethodSpec(bad)

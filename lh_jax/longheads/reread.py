@@ -13,8 +13,10 @@ A generation-time strategy of `LongHeads(reread=Reread(...))` (on in `LongHeads.
    over the question's and the background's queries: chunks the question looks at more than the
    text before it does (a chunk every query attends to, such as a sink, gets no vote).
 2. re-read: the model then reads a short prompt made of chunk 0 (the instruction), the `chunks`
-   best-voted chunks in document order and the prompt's last `recent` tokens, with ordinary
-   attention at in-distribution positions, and answers from it (the cache then holds only that).
+   best-voted chunks, each widened by `margin` tokens on both sides (a sentence cut by a chunk
+   boundary comes whole; overlapping spans merge), and the prompt's last `recent` tokens, in
+   document order, with ordinary attention at in-distribution positions, and answers from it
+   (the cache then holds only that).
 
 Why (docs/results.md, 2026-12-07): on natural text beyond the trained length the deep heads that
 answer do not find the needle among the chunks of a long prompt, and even when given it they read it
@@ -44,13 +46,15 @@ class Reread:
     """What a long prompt is re-read as (see the module docstring).
 
     chunks: chunks picked by the vote (besides chunk 0).
+    margin: tokens re-read before and after each picked chunk.
     recent: the prompt's last tokens kept (the question and the text just before it).
     layers: the first `layers` layers vote (None: the first quarter of the model, rounded up).
     query_tokens: the prompt's last tokens whose attention votes for chunks (the question).
     background_tokens: the tokens before those whose attention is the baseline a vote must beat.
     """
 
-    chunks: int = 12
+    chunks: int = 8
+    margin: int = 64
     recent: int = 1024
     layers: int | None = None
     query_tokens: int = 32
@@ -61,6 +65,8 @@ class Reread:
             _positive(name, getattr(self, name))
         if self.layers is not None:
             _positive("layers", self.layers)
+        if not isinstance(self.margin, int) or isinstance(self.margin, bool) or self.margin < 0:
+            raise ValueError(f"Reread: margin must be a non-negative integer, got {self.margin!r}")
         if self.query_tokens + self.background_tokens > self.recent:
             raise ValueError(f"Reread: query_tokens + background_tokens = "
                              f"{self.query_tokens + self.background_tokens} must fit in recent={self.recent}")
@@ -72,8 +78,8 @@ class Reread:
         return n
 
     def short_length(self, chunk_size: int) -> int:
-        """Tokens of the re-read prompt."""
-        return chunk_size * (1 + self.chunks) + self.recent
+        """Tokens of the re-read prompt at most."""
+        return chunk_size + self.chunks * (chunk_size + 2 * self.margin) + self.recent
 
     def applies(self, prompt_length: int, chunk_size: int, dense_length: int) -> bool:
         """A prompt is re-read when LongHeads would not read it whole with ordinary attention
@@ -139,9 +145,14 @@ def pick_chunks(votes_BC, reread: Reread) -> np.ndarray:
     return out
 
 
-def short_prompt(ids_T: np.ndarray, chunks, chunk_size: int, recent: int) -> np.ndarray:
-    """The re-read prompt of one (unpadded) prompt: chunk 0, the chosen chunks in order, the last
-    `recent` tokens."""
+def short_prompt(ids_T: np.ndarray, chunks, chunk_size: int, recent: int, margin: int = 0) -> np.ndarray:
+    """The re-read prompt of one (unpadded) prompt: chunk 0, the chosen chunks widened by `margin`
+    tokens on each side, the last `recent` tokens; each token once, in document order."""
     ids_T = np.asarray(ids_T)
-    parts = [ids_T[:chunk_size]] + [ids_T[c * chunk_size:(c + 1) * chunk_size] for c in chunks]
-    return np.concatenate(parts + [ids_T[len(ids_T) - recent:]])
+    T = len(ids_T)
+    keep = np.zeros(T, bool)
+    keep[:chunk_size] = True
+    keep[T - recent:] = True
+    for c in chunks:
+        keep[max(0, c * chunk_size - margin):min(T, (c + 1) * chunk_size + margin)] = True
+    return ids_T[keep]

@@ -159,8 +159,8 @@ class LongHeads:
         opposed to `LongHeads()`, the paper's: 128-token chunks x 32, a cheap summary for most
         queries, exact best-key selection for the prompt's last 1,024 tokens and for decode, the
         8 chunks before each query always kept, and `generate` answering a prompt longer than the
-        window from a re-read of it (`Reread()`: chunk 0, 12 chunks voted for by the first
-        layers' heads, the last 1,024 tokens). Keyword arguments override any of these
+        window from a re-read of it (`Reread()`: chunk 0, 8 chunks voted for by the first
+        layers' heads with 64 tokens on each side, the last 1,024 tokens). Keyword arguments override any of these
         (`reread=None`: the setting before re-reading). See README, "Which setting"."""
         return cls(**{"chunk_size": 128, "num_chunks": 32, "chunk_repr": "mean-parts:4", "exact_tail": 1024,
                       "local_chunks": 8, "reread": Reread(), **overrides})
