@@ -61,7 +61,8 @@ def vote_cases(draw):
     rr = Reread(chunks=1, recent=draw(st.integers(8, 16)), query_tokens=draw(st.integers(1, 3)),
                 background_tokens=draw(st.integers(1, 5)))
     lengths = [draw(st.integers(rr.recent + 2 * l, rr.recent + 6 * l)) for _ in range(2)]
-    return l, K, G, rr, lengths, draw(st.integers(0, 2 ** 16))
+    block = draw(st.sampled_from([5, 16, 4096]))  # keys scored at a time: several blocks, a ragged last one
+    return l, K, G, rr, lengths, block, draw(st.integers(0, 2 ** 16))
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -69,7 +70,7 @@ def vote_cases(draw):
 def test_votes_equal_the_direct_definition(case):
     """Left-padded rows of different lengths, GQA: each candidate chunk's vote as defined; the other
     chunks (0, those reaching into the last `recent` tokens, padding) get none."""
-    l, K, G, rr, lengths, seed = case
+    l, K, G, rr, lengths, block, seed = case
     rng = np.random.default_rng(seed)
     D, T = 8, max(lengths)
     q = rng.standard_normal((2, T, K * G, D)).astype(np.float32)
@@ -81,7 +82,7 @@ def test_votes_equal_the_direct_definition(case):
                                 num_heads=K * G, num_kv_heads=K, head_dim=D, max_position_embeddings=4096)
     rope = Rope.from_config(config)
     assert rope.rope.theta == THETA
-    got = np.asarray(chunk_votes(jnp.asarray(q), jnp.asarray(k), context(jnp.asarray(mask), 0), rope, rr, l))
+    got = np.asarray(chunk_votes(jnp.asarray(q), jnp.asarray(k), context(jnp.asarray(mask), 0), rope, rr, l, block))
     for b, n in enumerate(lengths):
         want = direct_votes(q[b, T - n:], k[b, T - n:], n, l, rr)
         assert want, "no candidate chunk: the case is too short"

@@ -41,6 +41,10 @@ def _positive(name: str, value) -> None:
         raise ValueError(f"Reread: {name} must be a positive integer, got {value!r}")
 
 
+#: keys scored at a time by the vote (its scores are [VOTE_BLOCK, heads, query_tokens + background_tokens]).
+VOTE_BLOCK = 4096
+
+
 @dataclasses.dataclass(frozen=True)
 class Reread:
     """What a long prompt is re-read as (see the module docstring).
@@ -103,10 +107,11 @@ class Voter:
         return out, writes, chunk_votes(q, k, ctx, rope, self.reread, self.chunk_size)
 
 
-def chunk_votes(q_BTHD, k_BTKD, ctx: AttentionContext, rope, reread: Reread, chunk_size: int):
+def chunk_votes(q_BTHD, k_BTKD, ctx: AttentionContext, rope, reread: Reread, chunk_size: int,
+                block: int = VOTE_BLOCK):
     """[B, C] votes of one layer's heads for each chunk of a left-padded prompt (C = T // chunk_size
     + 1); -inf where a chunk is not a candidate (chunk 0, chunks reaching into the last `recent`
-    tokens, padding)."""
+    tokens, padding). Keys are scored `block` at a time (memory bounded at long lengths)."""
     B, T, H, D = q_BTHD.shape
     K = k_BTKD.shape[2]
     l = chunk_size
@@ -121,10 +126,22 @@ def chunk_votes(q_BTHD, k_BTKD, ctx: AttentionContext, rope, reread: Reread, chu
     chunk_of = jnp.where(real, pos // l, C)  # padding to an extra segment, dropped below
     candidate = (jnp.arange(C)[None] >= 1) & ((jnp.arange(C)[None] + 1) * l <= (length - reread.recent)[:, None])
 
-    def one_row(q_nKGD, k_TKD, seg_T, cand_C):
-        s = jnp.einsum("nKGD,TKD->TKGn", q_nKGD, k_TKD) * (D ** -0.5)
-        best = jax.ops.segment_max(s, seg_T, num_segments=C + 1)[:C]  # [C, K, G, n]
-        best = jnp.where(cand_C[:, None, None, None], best, -jnp.inf)
+    block = min(T, block)
+    pad = -T % block
+    k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, -1, block, K, D)
+    chunk_of = jnp.pad(chunk_of, ((0, 0), (0, pad)), constant_values=C).reshape(B, -1, block)
+
+    def best_keys(q_nKGD, k_NbKD, seg_Nb):
+        """[C, K, G, n] best key score per chunk, `block` keys at a time (bounded memory)."""
+        def step(best, xs):
+            k_bKD, seg_b = xs
+            s = jnp.einsum("nKGD,bKD->bKGn", q_nKGD, k_bKD) * (D ** -0.5)
+            return jnp.maximum(best, jax.ops.segment_max(s, seg_b, num_segments=C + 1)), None
+        init = jnp.full((C + 1,) + q_nKGD.shape[1:3] + (q_nKGD.shape[0],), -jnp.inf, jnp.float32)
+        return jax.lax.scan(step, init, (k_NbKD, seg_Nb))[0][:C]
+
+    def one_row(q_nKGD, k_NbKD, seg_Nb, cand_C):
+        best = jnp.where(cand_C[:, None, None, None], best_keys(q_nKGD, k_NbKD, seg_Nb), -jnp.inf)
         p = jax.nn.softmax(best, axis=0)
         p_q, p_bg = jnp.mean(p[..., n_bg:], axis=-1), jnp.mean(p[..., :n_bg], axis=-1)  # [C, K, G]
         w = p_q * (jnp.log(p_q + 1e-6) - jnp.log(p_bg + 1e-6))
