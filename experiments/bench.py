@@ -3,6 +3,7 @@
     lh-jax bench --methods longheads:recommended,full --lengths 4k,8k,16k,32k
     lh-jax bench --scope decode --methods longheads:128x16,full --lengths 4k,32k
     lh-jax bench --scope layer --methods full,longheads:128x16 --lengths 4k,16k
+    lh-jax bench --scope answer --methods longheads:recommended,full --lengths 16k --repeats 0
     lh-jax bench --in-process --random-weights --dtype bfloat16 --lengths 8k,64k   # an accelerator
 
 Scopes (`--scope`):
@@ -12,6 +13,9 @@ Scopes (`--scope`):
   decode  decode steps only, on a cache filled to each length with zeros (a step's cost does not
           depend on what the cache holds): how one step scales with the context, without prefills.
   layer   one attention layer's prefill on random q/k/v: the kernel alone, with its matmul GFLOP.
+  answer  what a user waits for: `lh_jax.generate` from the prompt to --decode-steps new tokens
+          (LongHeads.recommended(): the voting pass, the re-read prompt and decode), beside
+          transformers' `generate` (full attention, greedy); the new tokens are kept in the rows.
 
 Each cell runs in its own subprocess (so peak RSS is the cell's own) unless --in-process (for
 accelerators and long sweeps: an out-of-memory cell is reported and the run goes on). One
@@ -35,7 +39,7 @@ import time
 
 import numpy as np
 
-SCOPES = ("model", "decode", "layer")
+SCOPES = ("model", "decode", "layer", "answer")
 DEFAULT_METHODS = "longheads:recommended,full"
 # The embedded default model's shape (SmolLM2-135M-Instruct), for --random-weights without the file.
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
@@ -175,6 +179,23 @@ def time_decode(params, config, attention, length: int, steps: int) -> dict:
             "cache": jnp.dtype(kv_dtype).name}
 
 
+def time_answer(params, config, attention, ids, repeats: int, new_tokens: int) -> dict:
+    """`lh_jax.generate` of `new_tokens` greedy tokens (median of `repeats` after a warm-up; 0: the
+    first call, compilation included)."""
+    import lh_jax
+
+    def run():
+        t0 = time.perf_counter()
+        out = np.asarray(lh_jax.generate(params, config, ids, new_tokens, attention=attention, progress=False))
+        return time.perf_counter() - t0, out
+
+    first, out = run()
+    times = [run()[0] for _ in range(repeats)] or [first]
+    answer_s = float(np.median(times))
+    return {"answer_s": answer_s, "compile_s": max(0.0, first - answer_s), "finite": True,
+            "new_ids": out[0, ids.shape[1]:].tolist()}
+
+
 def attention_flops(attention, T: int, H: int, D: int) -> float:
     """Matmul flops (QKᵀ and PV) of a causal prefill of T tokens: the dense prefix is full causal
     attention; a later query at t attends to its own chunk up to itself and num_chunks - 1 whole
@@ -220,8 +241,9 @@ def time_layer(config, attention, T: int, repeats: int, seed: int = 0) -> dict:
 
 
 def time_torch(model: str, length: int, repeats: int, decode_steps: int, threads: int, text: str,
-               dtype: str) -> dict:
-    """transformers' PyTorch model (full attention): prefill and decode, like `time_model`."""
+               dtype: str, scope: str = "model") -> dict:
+    """transformers' PyTorch model (full attention): prefill and decode, like `time_model`; with
+    scope "answer", `generate` of `decode_steps` greedy tokens, like `time_answer`."""
     import torch
     import transformers
 
@@ -236,6 +258,8 @@ def time_torch(model: str, length: int, repeats: int, decode_steps: int, threads
         m = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
     m.eval()
     ids = torch.from_numpy(prompt_ids(model, m.config.vocab_size, length, text).astype(np.int64))
+    if scope == "answer":
+        return _torch_answer(m, ids, repeats, decode_steps)
     times = []
     with torch.inference_mode():
         for i in range(repeats + 1 if repeats else 1):
@@ -255,6 +279,21 @@ def time_torch(model: str, length: int, repeats: int, decode_steps: int, threads
             "decode_ms": float(np.median(step_times[1:]) * 1e3), "compile_s": 0.0, "finite": True}
 
 
+def _torch_answer(m, ids, repeats: int, new_tokens: int) -> dict:
+    import torch
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                  attention_mask=torch.ones_like(ids), pad_token_id=m.config.eos_token_id)
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 1 if repeats else 1):
+            t0 = time.perf_counter()
+            out = m.generate(ids, **kwargs)
+            if i or not repeats:
+                times.append(time.perf_counter() - t0)
+    return {"answer_s": float(np.median(times)), "compile_s": 0.0, "finite": True,
+            "new_ids": out[0, ids.shape[1]:].tolist()}
+
+
 # --- cells -----------------------------------------------------------------------------------------
 
 def run_cell(cell: dict) -> dict:
@@ -262,8 +301,8 @@ def run_cell(cell: dict) -> dict:
     from lh_jax.methods import MethodSpec
     if cell["impl"] == "transformers":
         row = time_torch(cell["model"], cell["length"], cell["repeats"], cell["decode_steps"], cell["threads"],
-                         cell["text"], cell["dtype"])
-        return {**row, "peak_rss_gib": peak_rss_gib(), "backend": "torch-cpu", "cache": cell["dtype"]}
+                         cell["text"], cell["dtype"], cell["scope"])
+        return {"cache": cell["dtype"], **row, "peak_rss_gib": peak_rss_gib(), "backend": "torch-cpu"}
     import jax
     spec = MethodSpec(cell["method"])
     if cell["scope"] == "layer":
@@ -277,7 +316,8 @@ def run_cell(cell: dict) -> dict:
             row = time_decode(params, config, attention, cell["length"], cell["decode_steps"])
         else:
             ids = prompt_ids(cell["model"], config.vocab_size, cell["length"], cell["text"], cell["seed"])
-            row = time_model(params, config, attention, ids, cell["repeats"], cell["decode_steps"])
+            timer = time_answer if cell["scope"] == "answer" else time_model
+            row = timer(params, config, attention, ids, cell["repeats"], cell["decode_steps"])
     return {**row, "peak_rss_gib": peak_rss_gib(), "backend": jax.default_backend()}
 
 
@@ -304,7 +344,7 @@ def plan_cells(args) -> list[dict]:
         for n in lengths:
             if not (full and full_limit is not None and n > full_limit):
                 cells.append({**common, "impl": "lh-jax", "method": spec.name, "length": n, "dtype": args.dtype})
-    if args.scope == "model" and not args.no_torch:
+    if args.scope in ("model", "answer") and not args.no_torch:
         for dtype in args.torch_dtypes:
             for n in lengths:
                 if full_limit is None or n <= full_limit:
@@ -318,6 +358,9 @@ def format_table(rows: list[dict], scope: str) -> str:
     if scope == "layer":
         head = ["impl", "method", "tokens", "median ms", "best ms", "GFLOP", "GFLOP/s", "compile s"]
         keys = [("median_ms", ".1f"), ("best_ms", ".1f"), ("gflop", ".3g"), ("gflop_s", ".0f"), ("compile_s", ".2f")]
+    elif scope == "answer":
+        head = ["impl", "method", "dtype", "cache", "tokens", "answer s", "compile s", "peak RSS GiB"]
+        keys = [("answer_s", ".2f"), ("compile_s", ".1f"), ("peak_rss_gib", ".2f")]
     elif scope == "decode":
         head = ["impl", "method", "dtype", "cache", "tokens", "decode ms/token", "compile s", "peak RSS GiB"]
         keys = [("decode_ms", ".1f"), ("compile_s", ".1f"), ("peak_rss_gib", ".2f")]
@@ -339,10 +382,10 @@ def format_table(rows: list[dict], scope: str) -> str:
     return "\n".join(lines)
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-    """The floors, per window method: t(L)/t(L/2) for each doubling, prefill against transformers'
-    float32 and against lh-jax's full attention at each length both ran, decode at the longest /
-    shortest length, peak RSS at the longest length."""
+def summarize(rows: list[dict], key: str = "prefill_s") -> list[dict]:
+    """The floors, per window method: t(L)/t(L/2) for each doubling, prefill (`key`: or answer)
+    against transformers' float32 and against lh-jax's full attention at each length both ran,
+    decode at the longest / shortest length (model scope), peak RSS at the longest length."""
     ok = [r for r in rows if "error" not in r]
     by = lambda impl, method, dtype=None: {r["length"]: r for r in ok if r["impl"] == impl and r["method"] == method
                                            and (dtype is None or r["dtype"] == dtype)}
@@ -353,22 +396,20 @@ def summarize(rows: list[dict]) -> list[dict]:
         full = by("lh-jax", "full")
         lengths = sorted(mine)
         s = {"method": method, "lengths": lengths,
-             "doubling": [{"long": n, "value": mine[n]["prefill_s"] / mine[n // 2]["prefill_s"]}
+             "doubling": [{"long": n, "value": mine[n][key] / mine[n // 2][key]}
                           for n in lengths if n % 2 == 0 and n // 2 in mine],
-             "vs_transformers": [{"length": n, "value": mine[n]["prefill_s"] / torch[n]["prefill_s"]}
-                                 for n in lengths if n in torch],
-             "vs_full": [{"length": n, "value": mine[n]["prefill_s"] / full[n]["prefill_s"]}
-                         for n in lengths if n in full],
+             "vs_transformers": [{"length": n, "value": mine[n][key] / torch[n][key]} for n in lengths if n in torch],
+             "vs_full": [{"length": n, "value": mine[n][key] / full[n][key]} for n in lengths if n in full],
              "peak_rss_gib": {"length": lengths[-1], "value": mine[lengths[-1]]["peak_rss_gib"]}}
-        if len(lengths) > 1:
+        if len(lengths) > 1 and "decode_ms" in mine[lengths[0]]:
             s["decode_ratio"] = {"long": lengths[-1], "short": lengths[0],
                                  "value": mine[lengths[-1]]["decode_ms"] / mine[lengths[0]]["decode_ms"]}
         out.append(s)
     return out
 
 
-def format_summary(summary: list[dict]) -> str:
-    lines = ["| method | prefill t(L) / t(L/2) | prefill / transformers' | prefill / lh-jax full | "
+def format_summary(summary: list[dict], what: str = "prefill") -> str:
+    lines = [f"| method | {what} t(L) / t(L/2) | {what} / transformers' | {what} / lh-jax full | "
              "decode longest / shortest | peak RSS GiB at longest |", "|---|---|---|---|---:|---:|"]
     for s in summary:
         cells = [", ".join(f"{d['value']:.2f} ({length_name(d['long'])})" for d in s["doubling"]) or "–",
@@ -390,9 +431,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scope", default="model", choices=SCOPES, help="what is timed (see the module docstring)")
     p.add_argument("--lengths", default="4k,8k,16k,32k", help="prompt lengths, e.g. 4k,16k,32k")
     p.add_argument("--repeats", type=int, default=3,
-                   help="timed prefills (or layer calls) per cell, median, after a warm-up; 0 (model scope): "
-                        "time the one first prefill, compilation included (long lengths)")
-    p.add_argument("--decode-steps", type=int, default=16, help="timed decode steps per cell, median")
+                   help="timed prefills (or layer calls, answers) per cell, median, after a warm-up; 0 (model, "
+                        "answer scopes): time the first one, compilation included (long lengths)")
+    p.add_argument("--decode-steps", type=int, default=16,
+                   help="timed decode steps per cell, median (answer scope: the tokens generated)")
     p.add_argument("--full-up-to", default="16k",
                    help="full-attention rows (lh-jax and transformers) only up to this length ('all': every length)")
     p.add_argument("--no-torch", action="store_true", help="skip the transformers baseline")
@@ -415,8 +457,9 @@ def check_args(args) -> None:
     """Every flag checked before anything runs (ValueError naming the flag)."""
     if args.decode_steps < 1:
         raise ValueError(f"--decode-steps must be a positive integer, got {args.decode_steps}")
-    if args.repeats < (0 if args.scope == "model" else 1):
-        raise ValueError(f"--repeats must be {'0 or more' if args.scope == 'model' else 'a positive integer'} "
+    whole = args.scope in ("model", "answer")
+    if args.repeats < (0 if whole else 1):
+        raise ValueError(f"--repeats must be {'0 or more' if whole else 'a positive integer'} "
                          f"with --scope {args.scope}, got {args.repeats}")
     try:
         parse_lengths(args.lengths)
@@ -470,10 +513,11 @@ def cli_main(args) -> list[dict]:
               f"prompt {args.text}, median of {args.repeats} runs and {args.decode_steps} decode steps")
     print(header)
     print(format_table(rows, args.scope))
-    summary = summarize(rows) if args.scope == "model" else []
+    what = {"model": "prefill", "answer": "answer"}.get(args.scope)
+    summary = summarize(rows, f"{what}_s") if what else []
     if summary:
         print()
-        print(format_summary(summary))
+        print(format_summary(summary, what))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"header": header, "argv": sys.argv, "rows": rows, "summary": summary}, f, indent=1)

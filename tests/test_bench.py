@@ -69,6 +69,25 @@ def test_decode_and_layer_scopes_in_process(model, capsys):
     assert "GFLOP/s" in capsys.readouterr().out
 
 
+def test_answer_scope_times_generate_beside_transformers_with_the_same_tokens(model, tmp_path, capsys):
+    # what a user waits for: prompt -> new tokens; full attention's greedy tokens are transformers'
+    out = tmp_path / "answer.json"
+    lh_jax.cli.main(["bench", "--model", model, "--scope", "answer", "--lengths", "64,128", "--repeats", "1",
+                     "--decode-steps", "3", "--methods", "longheads:16x4,full", "--text", "random", "--out", str(out)])
+    data = json.loads(out.read_text())
+    rows = {(r["impl"], r["method"], r["length"]): r for r in data["rows"]}
+    assert len(rows) == 6 and all("error" not in r and r["answer_s"] > 0 for r in rows.values()), rows
+    for n in (64, 128):
+        tf, full = rows[("transformers", "full", n)], rows[("lh-jax", "full", n)]
+        assert len(full["new_ids"]) == 3 and full["new_ids"] == tf["new_ids"]
+    (s,) = data["summary"]
+    lh = {n: rows[("lh-jax", "longheads:16x4", n)]["answer_s"] for n in (64, 128)}
+    assert s["doubling"] == [{"long": 128, "value": lh[128] / lh[64]}]
+    assert s["vs_transformers"][1] == {"length": 128, "value": lh[128] / rows[("transformers", "full", 128)]["answer_s"]}
+    assert "decode_ratio" not in s
+    assert "answer / transformers'" in capsys.readouterr().out
+
+
 def test_a_failed_cell_is_an_error_row_and_a_nonzero_exit(model, tmp_path, capsys):
     broken = copy_without_weights(model, tmp_path / "broken")
     with pytest.raises(SystemExit) as e:
