@@ -503,6 +503,7 @@ def reread_prompts(params, config: ModelConfig, ids, mask, attention, progress=N
     sub = {**params, "layers": jax.tree.map(lambda a: a[:L], params["layers"])}
     sub_config = dataclasses.replace(config, num_layers=L)
     vote_ids, vote_mask = _left_pad([rows[i] for i in long], PROMPT_BUCKET)
+    check_memory(sub_config, answer_with, *vote_ids.shape, jnp.float32, None)  # the voting pass holds no cache
     if _progress_wanted(progress, vote_ids.shape[1]):
         print(f"[lh-jax] re-read: the first {L} layers vote over {vote_ids.shape[1]} tokens", file=sys.stderr)
     _, aux = _forward(sub, jnp.asarray(vote_ids), jnp.asarray(vote_mask), sub_config,

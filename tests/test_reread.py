@@ -193,6 +193,20 @@ def test_bad_reread_settings_fail_before_compiling(tiny):
                         attention=dataclasses.replace(ATTN, reread=dataclasses.replace(RR, layers=3)))
 
 
+def test_a_vote_that_cannot_fit_fails_before_any_work(tiny, monkeypatch):
+    """The voting pass over the whole prompt is checked against the available memory before it runs."""
+    from lh_jax import runtime
+    model = tiny("llama_gqa2_tied")
+    ids = random_ids((200,), seed=5)[None]
+    sub = dataclasses.replace(model.config, num_layers=RR.voting_layers(model.config.num_layers))
+    need = runtime.memory_estimate(sub, dataclasses.replace(ATTN, reread=None), 1, 256)
+    monkeypatch.setattr(runtime, "available_memory", lambda: sum(need.values()) - 1)
+    before = runtime.TRACE_COUNTS["forward"]
+    with pytest.raises(runtime.InsufficientMemoryError, match="1 x 256 tokens"):
+        lh_jax.generate(model.params, model.config, ids, 2, attention=ATTN)
+    assert runtime.TRACE_COUNTS["forward"] == before
+
+
 def test_method_names():
     assert MethodSpec("longheads:recommended").longheads.reread == Reread()
     assert MethodSpec("longheads:recommended/reread=0").longheads.reread is None
