@@ -72,8 +72,9 @@ def test_decode_and_layer_scopes_in_process(model, capsys):
 def test_answer_scope_times_generate_beside_transformers_with_the_same_tokens(model, tmp_path, capsys):
     # what a user waits for: prompt -> new tokens; full attention's greedy tokens are transformers'
     out = tmp_path / "answer.json"
-    lh_jax.cli.main(["bench", "--model", model, "--scope", "answer", "--lengths", "64,128", "--repeats", "1",
-                     "--decode-steps", "3", "--methods", "longheads:16x4,full", "--text", "random", "--out", str(out)])
+    lh_jax.cli.main(["bench", "--model", model, "--scope", "answer", "--lengths", "64,128", "--repeats", "0",
+                     "--decode-steps", "3", "--methods", "longheads:16x4,full", "--text", "random", "--in-process",
+                     "--out", str(out)])
     data = json.loads(out.read_text())
     rows = {(r["impl"], r["method"], r["length"]): r for r in data["rows"]}
     assert len(rows) == 6 and all("error" not in r and r["answer_s"] > 0 for r in rows.values()), rows
