@@ -179,19 +179,25 @@ def time_decode(params, config, attention, length: int, steps: int) -> dict:
             "cache": jnp.dtype(kv_dtype).name}
 
 
+def _timed(fn, repeats: int):
+    """(first call's seconds, median seconds of `repeats` calls after it (0: the first call's), last result)."""
+    t0 = time.perf_counter()
+    out = fn()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return first, float(np.median(times or [first])), out
+
+
 def time_answer(params, config, attention, ids, repeats: int, new_tokens: int) -> dict:
     """`lh_jax.generate` of `new_tokens` greedy tokens (median of `repeats` after a warm-up; 0: the
     first call, compilation included)."""
     import lh_jax
-
-    def run():
-        t0 = time.perf_counter()
-        out = np.asarray(lh_jax.generate(params, config, ids, new_tokens, attention=attention, progress=False))
-        return time.perf_counter() - t0, out
-
-    first, out = run()
-    times = [run()[0] for _ in range(repeats)] or [first]
-    answer_s = float(np.median(times))
+    first, answer_s, out = _timed(lambda: np.asarray(lh_jax.generate(params, config, ids, new_tokens,
+                                                                     attention=attention, progress=False)), repeats)
     return {"answer_s": answer_s, "compile_s": max(0.0, first - answer_s), "finite": True,
             "new_ids": out[0, ids.shape[1]:].tolist()}
 
@@ -283,15 +289,9 @@ def _torch_answer(m, ids, repeats: int, new_tokens: int) -> dict:
     import torch
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   attention_mask=torch.ones_like(ids), pad_token_id=m.config.eos_token_id)
-    times = []
     with torch.inference_mode():
-        for i in range(repeats + 1 if repeats else 1):
-            t0 = time.perf_counter()
-            out = m.generate(ids, **kwargs)
-            if i or not repeats:
-                times.append(time.perf_counter() - t0)
-    return {"answer_s": float(np.median(times)), "compile_s": 0.0, "finite": True,
-            "new_ids": out[0, ids.shape[1]:].tolist()}
+        _, answer_s, out = _timed(lambda: m.generate(ids, **kwargs), repeats)
+    return {"answer_s": answer_s, "compile_s": 0.0, "finite": True, "new_ids": out[0, ids.shape[1]:].tolist()}
 
 
 # --- cells -----------------------------------------------------------------------------------------
