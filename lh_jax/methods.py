@@ -10,8 +10,9 @@
                                  (topk, recent), positions (remap, original), selection (head, group),
                                  dense=N, tail=N (exact_tail), bulk=N (bulk_chunks), local=N
                                  (local_chunks), reread=N (generate re-reads N voted chunks; 0:
-                                 off); or key=value: repr=, selector=, positions=, selection=,
-                                 dense=, tail=, bulk=, local=, reread=
+                                 off), vote=sum|max (how the re-read's heads vote); or key=value:
+                                 repr=, selector=, positions=, selection=, dense=, tail=, bulk=,
+                                 local=, reread=, vote=
     longheads:recommended        lh_jax.LongHeads.recommended() (OPTIONs override it)
     longheads-ref[:CxN]          LongHeads as the authors' released code behaves (option: dense=N)
     +ntk / +pi / +yarn[:FACTOR]  RoPE scaling on top of a window method
@@ -36,7 +37,7 @@ WINDOW_METHODS = ("sliding", "longheads", "longheads-ref")
 ROPE_SCALINGS = ("pi", "ntk", "yarn")
 _ROPE_TYPE = {"pi": "linear", "ntk": "dynamic", "yarn": "yarn"}
 GRAMMAR = "METHOD[:CxN][/OPTION...][+ntk|+pi|+yarn], e.g. 'longheads:128x32/best-key' (see lh_jax.methods)"
-_KEYS = ("repr", "selector", "positions", "selection", "dense", "tail", "bulk", "local", "reread")
+_KEYS = ("repr", "selector", "positions", "selection", "dense", "tail", "bulk", "local", "reread", "vote")
 
 
 def _error(text: str, why: str) -> ValueError:
@@ -150,6 +151,15 @@ class MethodSpec:
     def _window_settings(text: str, method: str, arg: str, options: list[str]):
         from lh_jax.longheads import LongHeads
         kwargs = _options(text, method, options)
+        vote = kwargs.pop("vote", None)
+        if vote is not None:  # how re-reading votes: applied to the settings the other options make
+            lh = MethodSpec._window_settings(text, method, arg, [o for o in options if not o.startswith("vote=")])
+            if lh.reread is None:
+                raise _error(text, f"vote={vote} sets how re-reading votes, but re-reading is off")
+            try:
+                return dataclasses.replace(lh, reread=dataclasses.replace(lh.reread, combine=vote))
+            except ValueError as e:
+                raise _error(text, str(e)) from None
         try:
             if method == "longheads" and arg == "recommended":
                 return dataclasses.replace(LongHeads.recommended(), **kwargs)
@@ -185,6 +195,8 @@ class MethodSpec:
                     name += f"/local={lh.local_chunks}"
                 if lh.reread is not None:
                     name += f"/reread={lh.reread.chunks}"
+                    if lh.reread.combine != "sum":
+                        name += f"/vote={lh.reread.combine}"
         if self.rope_scaling != "none":
             name += f"+{self.rope_scaling}" + (f":{self.rope_factor:g}" if self.rope_factor is not None else "")
         return name

@@ -508,7 +508,7 @@ def reread_prompts(params, config: ModelConfig, ids, mask, attention, progress=N
         print(f"[lh-jax] re-read: the first {L} layers vote over {vote_ids.shape[1]} tokens", file=sys.stderr)
     _, aux = _forward(sub, jnp.asarray(vote_ids), jnp.asarray(vote_mask), sub_config,
                       Voter(answer_with, rr, l), True, 1)
-    chosen = pick_chunks(jnp.sum(aux, axis=0), rr)
+    chosen = pick_chunks(rr.over_layers(aux), rr)
     for j, i in enumerate(long):
         rows[i] = short_prompt(rows[i], chosen[j], l, rr.recent, rr.margin)
     ids, mask = _left_pad(rows)

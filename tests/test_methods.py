@@ -22,6 +22,9 @@ from lh_jax.methods import MethodSpec, add_method_arguments, parse_methods
     ("ntk", "ntk"), ("ntk:2", "ntk:2"), ("yarn:4.0", "yarn:4"),
     ("longheads:128x16+ntk", "longheads:128x16+ntk"), ("longheads:128x16+pi:2", "longheads:128x16+pi:2"),
     ("longheads:recommended", "longheads:recommended"),
+    ("longheads:recommended/vote=max", "longheads:recommended/vote=max"),
+    ("longheads:128x32/reread=4/vote=max", "longheads:128x32/reread=4/vote=max"),
+    ("longheads:128x32/reread=4/vote=sum", "longheads:128x32/reread=4"),
 ])
 def test_names_parse_to_canonical_names_that_parse_back(text, name):
     spec = MethodSpec.parse(text)
@@ -36,6 +39,8 @@ def test_specs_build_the_settings_they_name():
     assert MethodSpec("longheads-ref:64x4/dense=256").attention() == lh_jax.LongHeads(64, 4, 256, reference=True)
     assert MethodSpec("longheads:recommended").attention() == lh_jax.LongHeads.recommended()
     assert MethodSpec("longheads:recommended/dense=0").attention() == lh_jax.LongHeads.recommended(dense_length=0)
+    assert MethodSpec("longheads:recommended/vote=max").attention() == lh_jax.LongHeads.recommended(
+        reread=lh_jax.longheads.Reread(combine="max"))
     assert isinstance(MethodSpec("ntk").attention(), lh_jax.FullAttention)
     config, _ = load_default()
     scaled, _ = MethodSpec("ntk").build(config, 4 * config.trained_length)
@@ -52,6 +57,8 @@ def test_specs_build_the_settings_they_name():
     ("full/mean", "takes no options"), ("full:3", "no argument"), ("ntk:0.5", ">= 1"), ("ntk:x", "not a number"),
     ("full+ntk", "window method"), ("longheads+rope", "unknown RoPE scaling"),
     ("longheads-ref:64x4/dense=100", "multiple of chunk_size"),
+    ("longheads:recommended/vote=mean", "combine 'mean'"), ("longheads:recommended/reread=0/vote=max", "re-reading is off"),
+    ("longheads:128x32/vote=max", "re-reading is off"), ("sliding:128x16/vote=max", "sliding takes only"),
 ])
 def test_bad_names_are_errors_naming_the_part(text, match):
     with pytest.raises(ValueError, match=match):

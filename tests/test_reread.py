@@ -33,13 +33,14 @@ def rotate_np(x, pos, theta=THETA):
 
 
 def direct_votes(q, k, length, l, rr: Reread):
-    """One unpadded row: q [T, H, D], k [T, K, D] (un-rotated) -> {chunk: vote} for the candidates."""
+    """One unpadded row: q [T, H, D], k [T, K, D] (un-rotated) -> {chunk: vote} for the candidates
+    (each head's term summed over heads, or with combine="max" the largest)."""
     T, H, D = q.shape
     G = H // k.shape[1]
     kr = rotate_np(k, np.arange(T) % l)
     cands = [c for c in range(1, T // l + 1) if (c + 1) * l <= length - rr.recent]
     n = rr.query_tokens + rr.background_tokens
-    votes = dict.fromkeys(cands, 0.0)
+    terms = {c: [] for c in cands}
     for h in range(H):
         p = []
         for j in range(T - n, T):
@@ -49,8 +50,8 @@ def direct_votes(q, k, length, l, rr: Reread):
         p = np.array(p)
         p_bg, p_q = p[:rr.background_tokens].mean(0), p[rr.background_tokens:].mean(0)
         for i, c in enumerate(cands):
-            votes[c] += p_q[i] * (np.log(p_q[i] + 1e-6) - np.log(p_bg[i] + 1e-6))
-    return votes
+            terms[c].append(p_q[i] * (np.log(p_q[i] + 1e-6) - np.log(p_bg[i] + 1e-6)))
+    return {c: (max(t) if rr.combine == "max" else sum(t)) for c, t in terms.items()}
 
 
 @st.composite
@@ -59,7 +60,7 @@ def vote_cases(draw):
     K = draw(st.sampled_from([1, 2]))
     G = draw(st.sampled_from([1, 2]))
     rr = Reread(chunks=1, recent=draw(st.integers(8, 16)), query_tokens=draw(st.integers(1, 3)),
-                background_tokens=draw(st.integers(1, 5)))
+                background_tokens=draw(st.integers(1, 5)), combine=draw(st.sampled_from(["sum", "max"])))
     lengths = [draw(st.integers(rr.recent + 2 * l, rr.recent + 6 * l)) for _ in range(2)]
     block = draw(st.sampled_from([5, 16, 4096]))  # keys scored at a time: several blocks, a ragged last one
     return l, K, G, rr, lengths, block, draw(st.integers(0, 2 ** 16))
@@ -135,18 +136,19 @@ def expected_short_prompt(model, ids, attention):
     for layer in range(layers):
         q, k = np.asarray(aux["q"][layer, 0]), np.asarray(aux["k"][layer, 0])
         for c, v in direct_votes(q, k, len(ids), l, rr).items():
-            total[c] = total.get(c, 0.0) + v
+            total[c] = v if c not in total else max(total[c], v) if rr.combine == "max" else total[c] + v
     top = sorted(sorted(total, key=lambda c: (-total[c], c))[:rr.chunks])
     return short_prompt(ids, top, l, rr.recent, rr.margin), top
 
 
-@pytest.mark.parametrize("variant", ["llama_gqa2_tied", "llama_mha"])
-def test_generate_answers_from_the_voted_short_prompt(tiny, variant):
+@pytest.mark.parametrize("variant,combine", [("llama_gqa2_tied", "sum"), ("llama_mha", "sum"), ("llama_gqa2_tied", "max")])
+def test_generate_answers_from_the_voted_short_prompt(tiny, variant, combine):
     model = tiny(variant)
     ids = random_ids((200,), seed=3)
-    short, top = expected_short_prompt(model, ids, ATTN)
+    attention = dataclasses.replace(ATTN, reread=dataclasses.replace(RR, combine=combine))
+    short, top = expected_short_prompt(model, ids, attention)
     assert len(top) == 3 and 8 + 3 * 8 + 24 <= len(short) <= RR.short_length(8) < 200
-    got = np.asarray(lh_jax.generate(model.params, model.config, ids[None], 6, attention=ATTN))
+    got = np.asarray(lh_jax.generate(model.params, model.config, ids[None], 6, attention=attention))
     want = np.asarray(lh_jax.generate(model.params, model.config, short[None], 6,
                                       attention=dataclasses.replace(ATTN, reread=None)))
     assert got[0, :200].tolist() == ids.tolist()
@@ -176,6 +178,7 @@ def test_short_prompts_are_not_reread(tiny):
 @pytest.mark.parametrize("kwargs,names", [
     (dict(chunks=0), "chunks"), (dict(recent=-1), "recent"), (dict(layers=0), "layers"), (dict(margin=-1), "margin"),
     (dict(query_tokens=2.5), "query_tokens"), (dict(recent=16, query_tokens=8, background_tokens=9), "recent"),
+    (dict(combine="mean"), "combine"), (dict(combine=["max"]), "combine"),
 ])
 def test_bad_reread_parameters_are_named(kwargs, names):
     with pytest.raises(ValueError, match=names):

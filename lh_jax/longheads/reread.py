@@ -12,6 +12,7 @@ A generation-time strategy of `LongHeads(reread=Reread(...))` (on in `LongHeads.
    sum over heads of p_q(c)·log(p_q(c) / p_bg(c)), p_q and p_bg the softmax over chunks averaged
    over the question's and the background's queries: chunks the question looks at more than the
    text before it does (a chunk every query attends to, such as a sink, gets no vote).
+   `combine="max"` takes the largest head's term instead of the sum (a chunk one head singles out).
 2. re-read: the model then reads a short prompt made of chunk 0 (the instruction), the `chunks`
    best-voted chunks, each widened by `margin` tokens on both sides (a sentence cut by a chunk
    boundary comes whole; overlapping spans merge), and the prompt's last `recent` tokens, in
@@ -41,6 +42,9 @@ def _positive(name: str, value) -> None:
         raise ValueError(f"Reread: {name} must be a positive integer, got {value!r}")
 
 
+#: Reread.combine -> the reduction over voting heads (and over layers).
+COMBINE = {"sum": jnp.sum, "max": jnp.max}
+
 #: keys scored at a time by the vote (its scores are [VOTE_BLOCK, heads, query_tokens + background_tokens]).
 VOTE_BLOCK = 4096
 
@@ -55,6 +59,8 @@ class Reread:
     layers: the first `layers` layers vote (None: the first quarter of the model, rounded up).
     query_tokens: the prompt's last tokens whose attention votes for chunks (the question).
     background_tokens: the tokens before those whose attention is the baseline a vote must beat.
+    combine: how the voting heads' terms (every head of every voting layer) make a chunk's vote:
+      "sum" (the default) or "max" (the largest).
     """
 
     chunks: int = 8
@@ -63,6 +69,7 @@ class Reread:
     layers: int | None = None
     query_tokens: int = 32
     background_tokens: int = 256
+    combine: str = "sum"
 
     def __post_init__(self):
         for name in ("chunks", "recent", "query_tokens", "background_tokens"):
@@ -71,9 +78,15 @@ class Reread:
             _positive("layers", self.layers)
         if not isinstance(self.margin, int) or isinstance(self.margin, bool) or self.margin < 0:
             raise ValueError(f"Reread: margin must be a non-negative integer, got {self.margin!r}")
+        if not isinstance(self.combine, str) or self.combine not in COMBINE:
+            raise ValueError(f"Reread: unknown combine {self.combine!r}; choose one of {sorted(COMBINE)}")
         if self.query_tokens + self.background_tokens > self.recent:
             raise ValueError(f"Reread: query_tokens + background_tokens = "
                              f"{self.query_tokens + self.background_tokens} must fit in recent={self.recent}")
+
+    def over_layers(self, votes_LBC):
+        """[B, C] votes from the per-layer votes [L, B, C] that `chunk_votes` returns."""
+        return COMBINE[self.combine](votes_LBC, axis=0)
 
     def voting_layers(self, num_layers: int) -> int:
         n = math.ceil(num_layers / 4) if self.layers is None else self.layers
@@ -145,7 +158,7 @@ def chunk_votes(q_BTHD, k_BTKD, ctx: AttentionContext, rope, reread: Reread, chu
         p = jax.nn.softmax(best, axis=0)
         p_q, p_bg = jnp.mean(p[..., n_bg:], axis=-1), jnp.mean(p[..., :n_bg], axis=-1)  # [C, K, G]
         w = p_q * (jnp.log(p_q + 1e-6) - jnp.log(p_bg + 1e-6))
-        return jnp.where(cand_C, jnp.sum(w, axis=(1, 2)), -jnp.inf)
+        return jnp.where(cand_C, COMBINE[reread.combine](w, axis=(1, 2)), -jnp.inf)
 
     return jax.vmap(one_row)(q, k, chunk_of, candidate)
 
