@@ -151,22 +151,20 @@ class MethodSpec:
     def _window_settings(text: str, method: str, arg: str, options: list[str]):
         from lh_jax.longheads import LongHeads
         kwargs = _options(text, method, options)
-        vote = kwargs.pop("vote", None)
-        if vote is not None:  # how re-reading votes: applied to the settings the other options make
-            lh = MethodSpec._window_settings(text, method, arg, [o for o in options if not o.startswith("vote=")])
-            if lh.reread is None:
-                raise _error(text, f"vote={vote} sets how re-reading votes, but re-reading is off")
-            try:
-                return dataclasses.replace(lh, reread=dataclasses.replace(lh.reread, combine=vote))
-            except ValueError as e:
-                raise _error(text, str(e)) from None
+        vote = kwargs.pop("vote", None)  # how re-reading votes: set on the settings the rest make
         try:
             if method == "longheads" and arg == "recommended":
-                return dataclasses.replace(LongHeads.recommended(), **kwargs)
-            window = dict(zip(("chunk_size", "num_chunks"), _window(text, arg))) if arg else {}
-            extra = {"selector": "recent"} if method == "sliding" else {"reference": True} \
-                if method == "longheads-ref" else {}
-            return LongHeads(**window, **kwargs, **extra)
+                lh = dataclasses.replace(LongHeads.recommended(), **kwargs)
+            else:
+                window = dict(zip(("chunk_size", "num_chunks"), _window(text, arg))) if arg else {}
+                extra = {"selector": "recent"} if method == "sliding" else {"reference": True} \
+                    if method == "longheads-ref" else {}
+                lh = LongHeads(**window, **kwargs, **extra)
+            if vote is not None:
+                if lh.reread is None:
+                    raise ValueError(f"vote={vote} sets how re-reading votes, but re-reading is off")
+                lh = dataclasses.replace(lh, reread=dataclasses.replace(lh.reread, combine=vote))
+            return lh
         except (ValueError, TypeError) as e:
             raise _error(text, str(e)) from None
 

@@ -131,21 +131,23 @@ def expected_short_prompt(model, ids, attention):
     rr, l = attention.reread, attention.chunk_size
     _, aux = lh_jax.forward(model.params, model.config, ids[None], attention=Recorder(
         dataclasses.replace(attention, reread=None)), return_aux=True)
-    layers = -(-model.config.num_layers // 4)
+    merge = max if rr.combine == "max" else (lambda a, b: a + b)  # over the voting layers, as over heads
     total = {}
-    for layer in range(layers):
+    for layer in range(rr.voting_layers(model.config.num_layers)):
         q, k = np.asarray(aux["q"][layer, 0]), np.asarray(aux["k"][layer, 0])
         for c, v in direct_votes(q, k, len(ids), l, rr).items():
-            total[c] = v if c not in total else max(total[c], v) if rr.combine == "max" else total[c] + v
+            total[c] = merge(total[c], v) if c in total else v
     top = sorted(sorted(total, key=lambda c: (-total[c], c))[:rr.chunks])
     return short_prompt(ids, top, l, rr.recent, rr.margin), top
 
 
-@pytest.mark.parametrize("variant,combine", [("llama_gqa2_tied", "sum"), ("llama_mha", "sum"), ("llama_gqa2_tied", "max")])
-def test_generate_answers_from_the_voted_short_prompt(tiny, variant, combine):
+@pytest.mark.parametrize("variant,combine,layers", [("llama_gqa2_tied", "sum", None), ("llama_mha", "sum", None),
+                                                    ("llama_gqa2_tied", "max", 2), ("llama_gqa2_tied", "sum", 2)])
+def test_generate_answers_from_the_voted_short_prompt(tiny, variant, combine, layers):
+    """layers=2: both layers of the tiny model vote, so votes combine over layers too."""
     model = tiny(variant)
     ids = random_ids((200,), seed=3)
-    attention = dataclasses.replace(ATTN, reread=dataclasses.replace(RR, combine=combine))
+    attention = dataclasses.replace(ATTN, reread=dataclasses.replace(RR, combine=combine, layers=layers))
     short, top = expected_short_prompt(model, ids, attention)
     assert len(top) == 3 and 8 + 3 * 8 + 24 <= len(short) <= RR.short_length(8) < 200
     got = np.asarray(lh_jax.generate(model.params, model.config, ids[None], 6, attention=attention))
