@@ -10,7 +10,7 @@
                                  (topk, recent), positions (remap, original), selection (head, group),
                                  dense=N, tail=N (exact_tail), bulk=N (bulk_chunks), local=N
                                  (local_chunks), reread=N (generate re-reads N voted chunks; 0:
-                                 off), vote=sum|max (how the re-read's heads vote); or key=value:
+                                 off), vote=sum|max|layer-best (how the re-read's heads vote); or key=value:
                                  repr=, selector=, positions=, selection=, dense=, tail=, bulk=,
                                  local=, reread=, vote=
     longheads:recommended        lh_jax.LongHeads.recommended() (OPTIONs override it)

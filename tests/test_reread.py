@@ -34,7 +34,7 @@ def rotate_np(x, pos, theta=THETA):
 
 def direct_votes(q, k, length, l, rr: Reread):
     """One unpadded row: q [T, H, D], k [T, K, D] (un-rotated) -> {chunk: vote} for the candidates
-    (each head's term summed over heads, or with combine="max" the largest)."""
+    (each head's term summed over heads, or with combine="max" / "layer-best" the largest)."""
     T, H, D = q.shape
     G = H // k.shape[1]
     kr = rotate_np(k, np.arange(T) % l)
@@ -51,7 +51,7 @@ def direct_votes(q, k, length, l, rr: Reread):
         p_bg, p_q = p[:rr.background_tokens].mean(0), p[rr.background_tokens:].mean(0)
         for i, c in enumerate(cands):
             terms[c].append(p_q[i] * (np.log(p_q[i] + 1e-6) - np.log(p_bg[i] + 1e-6)))
-    return {c: (max(t) if rr.combine == "max" else sum(t)) for c, t in terms.items()}
+    return {c: (max(t) if rr.combine in ("max", "layer-best") else sum(t)) for c, t in terms.items()}
 
 
 @st.composite
@@ -60,7 +60,7 @@ def vote_cases(draw):
     K = draw(st.sampled_from([1, 2]))
     G = draw(st.sampled_from([1, 2]))
     rr = Reread(chunks=1, recent=draw(st.integers(8, 16)), query_tokens=draw(st.integers(1, 3)),
-                background_tokens=draw(st.integers(1, 5)), combine=draw(st.sampled_from(["sum", "max"])))
+                background_tokens=draw(st.integers(1, 5)), combine=draw(st.sampled_from(["sum", "max", "layer-best"])))
     lengths = [draw(st.integers(rr.recent + 2 * l, rr.recent + 6 * l)) for _ in range(2)]
     block = draw(st.sampled_from([5, 16, 4096]))  # keys scored at a time: several blocks, a ragged last one
     return l, K, G, rr, lengths, block, draw(st.integers(0, 2 ** 16))
@@ -131,7 +131,7 @@ def expected_short_prompt(model, ids, attention):
     rr, l = attention.reread, attention.chunk_size
     _, aux = lh_jax.forward(model.params, model.config, ids[None], attention=Recorder(
         dataclasses.replace(attention, reread=None)), return_aux=True)
-    merge = max if rr.combine == "max" else (lambda a, b: a + b)  # over the voting layers, as over heads
+    merge = max if rr.combine == "max" else (lambda a, b: a + b)  # over the voting layers (layer-best: summed)
     total = {}
     for layer in range(rr.voting_layers(model.config.num_layers)):
         q, k = np.asarray(aux["q"][layer, 0]), np.asarray(aux["k"][layer, 0])
@@ -142,7 +142,8 @@ def expected_short_prompt(model, ids, attention):
 
 
 @pytest.mark.parametrize("variant,combine,layers", [("llama_gqa2_tied", "sum", None), ("llama_mha", "sum", None),
-                                                    ("llama_gqa2_tied", "max", 2), ("llama_gqa2_tied", "sum", 2)])
+                                                    ("llama_gqa2_tied", "max", 2), ("llama_gqa2_tied", "sum", 2),
+                                                    ("llama_gqa2_tied", "layer-best", 2)])
 def test_generate_answers_from_the_voted_short_prompt(tiny, variant, combine, layers):
     """layers=2: both layers of the tiny model vote, so votes combine over layers too."""
     model = tiny(variant)

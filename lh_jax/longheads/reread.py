@@ -42,8 +42,8 @@ def _positive(name: str, value) -> None:
         raise ValueError(f"Reread: {name} must be a positive integer, got {value!r}")
 
 
-#: Reread.combine -> the reduction over voting heads (and over layers).
-COMBINE = {"sum": jnp.sum, "max": jnp.max}
+#: Reread.combine -> (the reduction over one layer's heads, the reduction over the voting layers).
+COMBINE = {"sum": (jnp.sum, jnp.sum), "max": (jnp.max, jnp.max), "layer-best": (jnp.max, jnp.sum)}
 
 #: keys scored at a time by the vote (its scores are [VOTE_BLOCK, heads, query_tokens + background_tokens]).
 VOTE_BLOCK = 4096
@@ -59,8 +59,9 @@ class Reread:
     layers: the first `layers` layers vote (None: the first quarter of the model, rounded up).
     query_tokens: the prompt's last tokens whose attention votes for chunks (the question).
     background_tokens: the tokens before those whose attention is the baseline a vote must beat.
-    combine: how the voting heads' terms (every head of every voting layer) make a chunk's vote:
-      "sum" (the default) or "max" (the largest).
+    combine: how the voting heads' terms make a chunk's vote: "sum" (over every head of every
+      voting layer; the default), "max" (the largest of them) or "layer-best" (each layer's
+      largest, summed over the layers).
     """
 
     chunks: int = 8
@@ -86,7 +87,7 @@ class Reread:
 
     def over_layers(self, votes_LBC):
         """[B, C] votes from the per-layer votes [L, B, C] that `chunk_votes` returns."""
-        return COMBINE[self.combine](votes_LBC, axis=0)
+        return COMBINE[self.combine][1](votes_LBC, axis=0)
 
     def voting_layers(self, num_layers: int) -> int:
         n = math.ceil(num_layers / 4) if self.layers is None else self.layers
@@ -158,7 +159,7 @@ def chunk_votes(q_BTHD, k_BTKD, ctx: AttentionContext, rope, reread: Reread, chu
         p = jax.nn.softmax(best, axis=0)
         p_q, p_bg = jnp.mean(p[..., n_bg:], axis=-1), jnp.mean(p[..., :n_bg], axis=-1)  # [C, K, G]
         w = p_q * (jnp.log(p_q + 1e-6) - jnp.log(p_bg + 1e-6))
-        return jnp.where(cand_C, COMBINE[reread.combine](w, axis=(1, 2)), -jnp.inf)
+        return jnp.where(cand_C, COMBINE[reread.combine][0](w, axis=(1, 2)), -jnp.inf)
 
     return jax.vmap(one_row)(q, k, chunk_of, candidate)
 
