@@ -10,7 +10,7 @@
                                  (topk, recent), positions (remap, original), selection (head, group),
                                  dense=N, tail=N (exact_tail), bulk=N (bulk_chunks), local=N
                                  (local_chunks), reread=N (generate re-reads N voted chunks; 0:
-                                 off), vote=sum|max|layer-best (how the re-read's heads vote); or key=value:
+                                 off), vote=layer-best|sum|max (how the re-read's heads vote); or key=value:
                                  repr=, selector=, positions=, selection=, dense=, tail=, bulk=,
                                  local=, reread=, vote=
     longheads:recommended        lh_jax.LongHeads.recommended() (OPTIONs override it)
@@ -193,7 +193,7 @@ class MethodSpec:
                     name += f"/local={lh.local_chunks}"
                 if lh.reread is not None:
                     name += f"/reread={lh.reread.chunks}"
-                    if lh.reread.combine != "sum":
+                    if lh.reread.combine != type(lh.reread)().combine:  # the default vote is not named
                         name += f"/vote={lh.reread.combine}"
         if self.rope_scaling != "none":
             name += f"+{self.rope_scaling}" + (f":{self.rope_factor:g}" if self.rope_factor is not None else "")

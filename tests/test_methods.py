@@ -24,8 +24,8 @@ from lh_jax.methods import MethodSpec, add_method_arguments, parse_methods
     ("longheads:recommended", "longheads:recommended"),
     ("longheads:recommended/vote=max", "longheads:recommended/vote=max"),
     ("longheads:128x32/reread=4/vote=max", "longheads:128x32/reread=4/vote=max"),
-    ("longheads:128x32/reread=4/vote=sum", "longheads:128x32/reread=4"),
-    ("longheads:128x32/reread=4/vote=layer-best", "longheads:128x32/reread=4/vote=layer-best"),
+    ("longheads:128x32/reread=4/vote=sum", "longheads:128x32/reread=4/vote=sum"),
+    ("longheads:128x32/reread=4/vote=layer-best", "longheads:128x32/reread=4"),
 ])
 def test_names_parse_to_canonical_names_that_parse_back(text, name):
     spec = MethodSpec.parse(text)

@@ -8,11 +8,13 @@ A generation-time strategy of `LongHeads(reread=Reread(...))` (on in `LongHeads.
 1. vote: the prompt runs through the model's first `layers` layers only (with the LongHeads
    attention, so the cost is linear), and every head of those layers scores each chunk by its best
    key (max_j q·k_j, keys rotated by their in-chunk offset) for the prompt's last `query_tokens`
-   queries (the question) and for the `background_tokens` queries before them. A chunk's vote is
-   sum over heads of p_q(c)·log(p_q(c) / p_bg(c)), p_q and p_bg the softmax over chunks averaged
-   over the question's and the background's queries: chunks the question looks at more than the
-   text before it does (a chunk every query attends to, such as a sink, gets no vote).
-   `combine="max"` takes the largest head's term instead of the sum (a chunk one head singles out).
+   queries (the question) and for the `background_tokens` queries before them. A head's term for
+   a chunk is p_q(c)·log(p_q(c) / p_bg(c)), p_q and p_bg the softmax over chunks averaged over the
+   question's and the background's queries: chunks the question looks at more than the text
+   before it does (a chunk every query attends to, such as a sink, gets nothing). A chunk's vote
+   (`combine="layer-best"`, the default) is each voting layer's largest head term, summed over the
+   layers: a chunk the best head of several layers singles out. `combine="sum"` sums every head's
+   term (many heads' small terms can outvote the needle), `combine="max"` takes the largest one.
 2. re-read: the model then reads a short prompt made of chunk 0 (the instruction), the `chunks`
    best-voted chunks, each widened by `margin` tokens on both sides (a sentence cut by a chunk
    boundary comes whole; overlapping spans merge), and the prompt's last `recent` tokens, in
@@ -59,9 +61,9 @@ class Reread:
     layers: the first `layers` layers vote (None: the first quarter of the model, rounded up).
     query_tokens: the prompt's last tokens whose attention votes for chunks (the question).
     background_tokens: the tokens before those whose attention is the baseline a vote must beat.
-    combine: how the voting heads' terms make a chunk's vote: "sum" (over every head of every
-      voting layer; the default), "max" (the largest of them) or "layer-best" (each layer's
-      largest, summed over the layers).
+    combine: how the voting heads' terms make a chunk's vote: "layer-best" (each voting layer's
+      largest, summed over the layers; the default), "sum" (over every head of every voting layer)
+      or "max" (the largest of them).
     """
 
     chunks: int = 8
@@ -70,7 +72,7 @@ class Reread:
     layers: int | None = None
     query_tokens: int = 32
     background_tokens: int = 256
-    combine: str = "sum"
+    combine: str = "layer-best"
 
     def __post_init__(self):
         for name in ("chunks", "recent", "query_tokens", "background_tokens"):
